@@ -1,0 +1,351 @@
+"""Building blocks shared by the base, interpolation and VSR UNets.
+
+Video tensors are `b c f h w`. Spatial layers fold frames into the batch, `(b f) c h w` or `(b f) (h w) c`;
+temporal attention folds pixels into the batch, `(b h w) f c`. Module attribute names equal the official
+state-dict names, so released checkpoints load without any key mapping.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding, cosine half first (flip_sin_to_cos=True, no frequency shift)."""
+    half = dim // 2
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    args = timesteps.float()[:, None] * torch.exp(exponent)[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class FrameConv2d(nn.Conv2d):
+    """A 2-D convolution applied to every frame (weights are plain Conv2d tensors)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = x.shape[2]
+        x = super().forward(rearrange(x, "b c f h w -> (b f) c h w"))
+        return rearrange(x, "(b f) c h w -> b c f h w", f=f)
+
+
+class ResnetBlock(nn.Module):
+    """SD resnet block on video. GroupNorm sees the 5-D tensor, so its statistics span all frames."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_dim: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = FrameConv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_dim, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = FrameConv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = FrameConv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class TemporalConvBlock(nn.Module):
+    """Residual block of Conv3d layers with kernels (k, 1, 1): mixes frames only, zero-padded at clip ends."""
+
+    def __init__(self, channels: int, temb_dim: int | None, groups: int, kernel: int = 3, eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, channels, eps=eps)
+        self.conv1 = nn.Conv3d(channels, channels, (kernel, 1, 1), padding=(kernel // 2, 0, 0))
+        self.time_emb_proj = nn.Linear(temb_dim, channels) if temb_dim is not None else None
+        self.norm2 = nn.GroupNorm(groups, channels, eps=eps)
+        self.conv2 = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None, None]
+        return x + self.conv2(F.silu(self.norm2(h)))
+
+
+class TemporalModule(nn.Module):
+    """VSR temporal module: a temporal then a spatial resnet block, added back through a zero-initialised 1x1."""
+
+    def __init__(self, channels: int, temb_dim: int, groups: int):
+        super().__init__()
+        self.resblocks_3d_t = TemporalConvBlock(channels, temb_dim, groups, kernel=5)
+        self.resblocks_3d_s = ResnetBlock(channels, channels, temb_dim, groups, eps=1e-6)
+        self.shift_conv = FrameConv2d(channels, channels, 1)
+        nn.init.zeros_(self.shift_conv.weight)
+        nn.init.zeros_(self.shift_conv.bias)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return x + self.shift_conv(self.resblocks_3d_s(self.resblocks_3d_t(x, temb), temb))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = FrameConv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = FrameConv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        # Sized by the skip connection it meets, so latents not divisible by the total stride still line up.
+        f = x.shape[2]
+        x = F.interpolate(rearrange(x, "b c f h w -> (b f) c h w"), size=size, mode="nearest")
+        return self.conv(rearrange(x, "(b f) c h w -> b c f h w", f=f))
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return rearrange(x, "n l (h d) -> n h l d", h=heads)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    return rearrange(x, "n h l d -> n l (h d)")
+
+
+class Attention(nn.Module):
+    """Multi-head attention with the SD layout: q/k/v without bias, `to_out.0` with bias."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        context_dim = context_dim or dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None):
+        q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.to_out[0](merge_heads(out))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        return self.attend(self.to_q(x), self.to_k(context), self.to_v(context))
+
+
+def text_attention(attn: Attention, x: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
+    """Cross-attention to one text per clip: every frame's tokens attend to the same keys.
+
+    `(b f) l c` queries are regrouped to `b (f l) c`, so keys/values are projected once per clip instead of
+    once per frame, with the same result.
+    """
+    q = rearrange(attn.to_q(x), "(b f) l c -> b (f l) c", f=frames)
+    out = attn.attend(q, attn.to_k(context), attn.to_v(context))
+    return rearrange(out, "b (f l) c -> (b f) l c", f=frames)
+
+
+def sparse_causal_attention(attn: Attention, x: torch.Tensor, frames: int) -> torch.Tensor:
+    """Frame i attends to the tokens of frame 0 and of frame i-1 (frame 0 to itself twice)."""
+    k = rearrange(attn.to_k(x), "(b f) l c -> b f l c", f=frames)
+    v = rearrange(attn.to_v(x), "(b f) l c -> b f l c", f=frames)
+    previous = (torch.arange(frames, device=x.device) - 1).clamp(min=0)
+    k = rearrange(torch.cat([k[:, :1].expand_as(k), k[:, previous]], dim=2), "b f l c -> (b f) l c")
+    v = rearrange(torch.cat([v[:, :1].expand_as(v), v[:, previous]], dim=2), "b f l c -> (b f) l c")
+    return attn.attend(attn.to_q(x), k, v)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary positions over frames on the first `dim` channels of each head, channel pairs interleaved."""
+
+    def __init__(self, dim: int, theta: float = 10000.0):
+        super().__init__()
+        self.register_buffer("freqs", 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim))
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x: `n h f d`; rotation angle of frame p, pair i: p * freqs[i]."""
+        dim = 2 * self.freqs.shape[0]
+        positions = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)
+        angles = torch.repeat_interleave(positions[:, None] * self.freqs.float()[None], 2, dim=-1)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        head, tail = x[..., :dim], x[..., dim:]
+        pairs = rearrange(head, "... (d r) -> ... d r", r=2)
+        rotated_half = rearrange(torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1), "... d r -> ... (d r)")
+        return torch.cat([head * cos + rotated_half * sin, tail], dim=-1)
+
+
+class RelativePositionBias(nn.Module):
+    """T5 bucketed relative position bias over frames, one learned scalar per (bucket, head)."""
+
+    def __init__(self, heads: int, num_buckets: int = 32, max_distance: int = 32):
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.max_distance = max_distance
+        self.relative_attention_bias = nn.Embedding(num_buckets, heads)
+
+    def buckets(self, frames: int, device: torch.device) -> torch.Tensor:
+        pos = torch.arange(frames, dtype=torch.long, device=device)
+        n = pos[:, None] - pos[None, :]  # query minus key: keys in the past are positive
+        half = self.num_buckets // 2
+        offset = (n < 0).long() * half
+        n = n.abs()
+        max_exact = half // 2
+        log_ratio = torch.log(n.clamp(min=1).float() / max_exact) / math.log(self.max_distance / max_exact)
+        large = (max_exact + (log_ratio * (half - max_exact)).long()).clamp(max=half - 1)
+        return offset + torch.where(n < max_exact, n, large)
+
+    def forward(self, frames: int, device: torch.device) -> torch.Tensor:
+        return rearrange(self.relative_attention_bias(self.buckets(frames, device)), "i j h -> h i j")
+
+
+class TemporalAttention(Attention):
+    """Self-attention across frames at each pixel: input `(b h w) f c`."""
+
+    def __init__(self, dim: int, heads: int, rotary: RotaryEmbedding | None, rel_pos: RelativePositionBias | None):
+        super().__init__(dim, heads)
+        if rotary is not None:
+            self.rotary_emb = rotary
+        if rel_pos is not None:
+            self.time_rel_pos_bias = rel_pos
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = (split_heads(proj(x), self.heads) for proj in (self.to_q, self.to_k, self.to_v))
+        if hasattr(self, "rotary_emb"):
+            q, k = self.rotary_emb.rotate(q), self.rotary_emb.rotate(k)
+        bias = None
+        if hasattr(self, "time_rel_pos_bias"):
+            bias = self.time_rel_pos_bias(x.shape[1], x.device).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        return self.to_out[0](merge_heads(out))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.proj(x).chunk(2, dim=-1)
+        return h * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: frame attention, text attention, temporal attention, feed-forward.
+
+    `spatial` picks the first attention ("full", "sparse_causal" or "text"); interpolation puts the temporal
+    attention after the feed-forward, the other two models before it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        context_dim: int,
+        *,
+        spatial: str,
+        temporal_attr: str,
+        temporal_after_ff: bool,
+        rotary: RotaryEmbedding | None,
+        rel_pos: RelativePositionBias | None,
+    ):
+        super().__init__()
+        self.spatial = spatial
+        self.temporal_after_ff = temporal_after_ff
+        self.temporal_attr = temporal_attr
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads, context_dim if spatial == "text" else None)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim)
+        self.add_module(f"norm_{temporal_attr}", nn.LayerNorm(dim))
+        self.add_module(f"attn_{temporal_attr}", TemporalAttention(dim, heads, rotary, rel_pos))
+        nn.init.zeros_(getattr(self, f"attn_{temporal_attr}").to_out[0].weight)
+        self.ff = FeedForward(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def temporal(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        norm, attn = getattr(self, f"norm_{self.temporal_attr}"), getattr(self, f"attn_{self.temporal_attr}")
+        tokens = x.shape[1]
+        x = rearrange(x, "(b f) l c -> (b l) f c", f=frames)
+        x = x + attn(norm(x))
+        return rearrange(x, "(b l) f c -> (b f) l c", l=tokens)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
+        h = self.norm1(x)
+        if self.spatial == "full":
+            x = x + self.attn1(h)
+        elif self.spatial == "sparse_causal":
+            x = x + sparse_causal_attention(self.attn1, h, frames)
+        else:
+            x = x + text_attention(self.attn1, h, context, frames)
+        x = x + text_attention(self.attn2, self.norm2(x), context, frames)
+        if not self.temporal_after_ff:
+            x = self.temporal(x, frames)
+        x = x + self.ff(self.norm3(x))
+        if self.temporal_after_ff:
+            x = self.temporal(x, frames)
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm (per frame) -> projection in -> transformer block -> projection out, plus residual."""
+
+    def __init__(
+        self,
+        channels: int,
+        heads: int,
+        context_dim: int,
+        *,
+        groups: int,
+        linear_projection: bool,
+        temporal_resblock: bool,
+        **block_args,
+    ):
+        super().__init__()
+        if temporal_resblock:
+            self.resblock_temporal = TemporalConvBlock(channels, None, groups)
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.linear_projection = linear_projection
+        if linear_projection:
+            self.proj_in, self.proj_out = nn.Linear(channels, channels), nn.Linear(channels, channels)
+        else:
+            self.proj_in, self.proj_out = nn.Conv2d(channels, channels, 1), nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim, **block_args)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        b, c, f, hh, ww = x.shape
+        if hasattr(self, "resblock_temporal"):
+            x = self.resblock_temporal(x)
+        residual = rearrange(x, "b c f h w -> (b f) c h w")
+        h = self.norm(residual)
+        if self.linear_projection:
+            h = self.proj_in(rearrange(h, "n c h w -> n (h w) c"))
+        else:
+            h = rearrange(self.proj_in(h), "n c h w -> n (h w) c")
+        for block in self.transformer_blocks:
+            h = block(h, context, f)
+        if self.linear_projection:
+            h = rearrange(self.proj_out(h), "n (h w) c -> n c h w", h=hh)
+        else:
+            h = self.proj_out(rearrange(h, "n (h w) c -> n c h w", h=hh))
+        return rearrange(h + residual, "(b f) c h w -> b c f h w", f=f)

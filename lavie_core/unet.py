@@ -1,0 +1,203 @@
+"""The LaVie UNet: one class, configured as base, interpolation or VSR network."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import (
+    Downsample,
+    FrameConv2d,
+    RelativePositionBias,
+    ResnetBlock,
+    RotaryEmbedding,
+    SpatialTransformer,
+    TemporalModule,
+    TimestepEmbedding,
+    Upsample,
+    timestep_embedding,
+)
+from .config import UNetConfig
+
+
+class _Level(nn.Module):
+    """One resolution level: resnets, optional transformers after each, optional resampler."""
+
+    def __init__(self, resnets: list[nn.Module], attentions: list[nn.Module] | None):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnets)
+        if attentions:
+            self.attentions = nn.ModuleList(attentions)
+
+    def layers(self):
+        attentions = getattr(self, "attentions", None)
+        for i, resnet in enumerate(self.resnets):
+            yield resnet, attentions[i] if attentions is not None else None
+
+
+class LaVieUNet(nn.Module):
+    """Video UNet. `forward(x, timesteps, context, noise_level=None)` with `x` as `b c f h w`."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        chans = c.block_out_channels
+        levels = len(chans)
+        temb = c.time_embed_dim
+        rotary = RotaryEmbedding(c.rotary_dim) if c.temporal_attention == "rotary" else None
+        if rotary is not None and c.kind == "vsr":
+            # The VSR checkpoint also lists the shared rotary table at the top level.
+            self.temporal_rotary_emb = rotary
+
+        def transformer(channels: int, spatial: str) -> SpatialTransformer:
+            rel_pos = None
+            if c.temporal_attention == "rotary":
+                rel_pos = RelativePositionBias(c.heads, c.rel_pos_buckets, c.rel_pos_max_distance)
+            return SpatialTransformer(
+                channels,
+                c.heads,
+                c.cross_attention_dim,
+                groups=c.norm_groups,
+                linear_projection=c.linear_projection,
+                temporal_resblock=c.temporal_resblocks,
+                spatial=spatial,
+                temporal_attr=c.temporal_attr,
+                temporal_after_ff=c.temporal_after_ff,
+                rotary=rotary,
+                rel_pos=rel_pos,
+            )
+
+        def spatial_kind(level: int) -> str:
+            return "text" if c.text_only_attention[level] else c.spatial_attention
+
+        def resnet(cin: int, cout: int) -> ResnetBlock:
+            return ResnetBlock(cin, cout, temb, c.norm_groups, c.norm_eps)
+
+        self.conv_in = FrameConv2d(c.in_channels, chans[0], 3, padding=1)
+        self.time_embedding = TimestepEmbedding(chans[0], temb)
+        if c.num_noise_levels is not None:
+            self.class_embedding = nn.Embedding(c.num_noise_levels, temb)
+
+        self.down_blocks = nn.ModuleList()
+        cout = chans[0]
+        for i in range(levels):
+            cin, cout = cout, chans[i]
+            attn = c.attention_levels[i]
+            level = _Level(
+                [resnet(cin if j == 0 else cout, cout) for j in range(c.layers_per_block)],
+                [transformer(cout, spatial_kind(i)) for _ in range(c.layers_per_block)] if attn else None,
+            )
+            if i < levels - 1:
+                level.downsamplers = nn.ModuleList([Downsample(cout)])
+            self.down_blocks.append(level)
+
+        self.mid_block = _Level(
+            [resnet(chans[-1], chans[-1]), resnet(chans[-1], chans[-1])],
+            [transformer(chans[-1], c.spatial_attention)],
+        )
+
+        self.up_blocks = nn.ModuleList()
+        rev = list(reversed(chans))
+        cout = rev[0]
+        for i in range(levels):
+            prev, cout = cout, rev[i]
+            skip_in = rev[min(i + 1, levels - 1)]
+            down_level = levels - 1 - i
+            attn = c.attention_levels[down_level]
+            n = c.layers_per_block + 1
+            level = _Level(
+                [resnet((prev if j == 0 else cout) + (skip_in if j == n - 1 else cout), cout) for j in range(n)],
+                [transformer(cout, spatial_kind(down_level)) for _ in range(n)] if attn else None,
+            )
+            if i < levels - 1:
+                level.upsamplers = nn.ModuleList([Upsample(cout)])
+            self.up_blocks.append(level)
+
+        if c.temporal_modules:
+            self.down_temporal_blocks = nn.ModuleList(TemporalModule(ch, temb, c.norm_groups) for ch in chans)
+            self.mid_temporal_block = TemporalModule(chans[-1], temb, c.norm_groups)
+            self.up_temporal_blocks = nn.ModuleList(TemporalModule(ch, temb, c.norm_groups) for ch in rev)
+
+        self.conv_norm_out = nn.GroupNorm(c.norm_groups, chans[0], eps=c.norm_eps)
+        self.conv_out = FrameConv2d(chans[0], c.out_channels, 3, padding=1)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.conv_in.weight.device
+
+    def check_inputs(
+        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, noise_level: torch.Tensor | None
+    ) -> None:
+        c = self.config
+        if x.ndim != 5 or x.shape[1] != c.in_channels:
+            raise ValueError(
+                f"{c.kind} UNet expects x shaped [B, {c.in_channels}, F, H, W], got {list(x.shape)}"
+            )
+        if context.ndim != 3 or context.shape[-1] != c.cross_attention_dim:
+            raise ValueError(
+                f"{c.kind} UNet expects context shaped [B, tokens, {c.cross_attention_dim}], got {list(context.shape)}"
+            )
+        if context.shape[0] != x.shape[0]:
+            raise ValueError(f"batch of context ({context.shape[0]}) differs from batch of x ({x.shape[0]})")
+        if c.num_noise_levels is not None:
+            if noise_level is None:
+                raise ValueError(f"{c.kind} UNet needs a noise_level (0..{c.max_noise_level})")
+            if int(noise_level.max()) > c.max_noise_level or int(noise_level.min()) < 0:
+                raise ValueError(f"noise_level must be in 0..{c.max_noise_level}, got {noise_level.tolist()}")
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor | float,
+        context: torch.Tensor,
+        noise_level: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """x: `b c f h w` (all input channels, official order) -> noise/velocity prediction `b 4 f h w`."""
+        b = x.shape[0]
+        timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(b)
+        if noise_level is not None:
+            noise_level = torch.as_tensor(noise_level, device=x.device, dtype=torch.long).reshape(-1).expand(b)
+        self.check_inputs(x, timesteps, context, noise_level)
+        dtype = self.dtype
+        x, context = x.to(dtype), context.to(dtype)
+
+        emb = self.time_embedding(timestep_embedding(timesteps, self.config.block_out_channels[0]).to(dtype))
+        if hasattr(self, "class_embedding"):
+            emb = emb + self.class_embedding(noise_level).to(dtype)
+
+        temporal = self.config.temporal_modules
+        h = self.conv_in(x)
+        skips = [h]
+        for i, level in enumerate(self.down_blocks):
+            for resnet, attn in level.layers():
+                h = resnet(h, emb)
+                if attn is not None:
+                    h = attn(h, context)
+                skips.append(h)
+            if hasattr(level, "downsamplers"):
+                h = level.downsamplers[0](h)
+                skips.append(h)
+            if temporal:
+                h = self.down_temporal_blocks[i](h, emb)
+
+        r0, r1 = self.mid_block.resnets
+        h = r1(self.mid_block.attentions[0](r0(h, emb), context), emb)
+        if temporal:
+            h = self.mid_temporal_block(h, emb)
+
+        for i, level in enumerate(self.up_blocks):
+            for resnet, attn in level.layers():
+                h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+                if attn is not None:
+                    h = attn(h, context)
+            if hasattr(level, "upsamplers"):
+                h = level.upsamplers[0](h, skips[-1].shape[-2:])
+            if temporal:
+                h = self.up_temporal_blocks[i](h, emb)
+
+        return self.conv_out(F.silu(self.conv_norm_out(h)))

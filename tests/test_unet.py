@@ -1,0 +1,176 @@
+"""The three UNets at toy width: shapes, dtypes, the official key layout, and the temporal wiring."""
+import json
+
+import pytest
+import torch
+
+from ckpt_factory import FIXTURES, random_state_dict_for
+from lavie_core import LaVieUNet, UNetConfig
+from lavie_core.blocks import RelativePositionBias, RotaryEmbedding, sparse_causal_attention
+
+KINDS = ["base", "interpolation", "vsr"]
+
+
+def tiny_model(kind: str, seed: int = 0, **overrides) -> LaVieUNet:
+    model = LaVieUNet(UNetConfig.tiny(kind, **overrides))
+    model.load_state_dict(random_state_dict_for(model, seed))
+    return model.eval().requires_grad_(False)
+
+
+def inputs(model: LaVieUNet, b=1, f=5, h=8, w=12, seed=0):
+    c = model.config
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c.in_channels, f, h, w, generator=g)
+    ctx = torch.randn(b, 7, c.cross_attention_dim, generator=g)
+    t = torch.randint(0, 1000, (b,), generator=g)
+    noise = torch.full((b,), 20) if c.num_noise_levels else None
+    return x, t, ctx, noise
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_released_layout_has_exactly_the_official_keys_and_shapes(kind):
+    schema = json.loads((FIXTURES / "schemas" / f"{kind}.json").read_text())
+    with torch.device("meta"):
+        model = LaVieUNet(UNetConfig.preset(kind))
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    want = {e["key"]: e["shape"] for e in schema["keys"]}
+    assert got == want
+    assert len(got) == schema["num_keys"]
+
+
+@pytest.mark.parametrize(
+    "kind,b,f,h,w",
+    [
+        ("base", 1, 1, 8, 8),
+        ("base", 2, 5, 8, 12),
+        ("base", 1, 7, 10, 6),  # odd latent side: upsampling must follow the skip sizes
+        ("interpolation", 1, 9, 8, 16),
+        ("interpolation", 2, 3, 6, 10),
+        ("vsr", 1, 4, 8, 8),
+        ("vsr", 2, 3, 12, 10),
+    ],
+    ids=lambda v: str(v),
+)
+def test_output_shape(kind, b, f, h, w):
+    model = tiny_model(kind)
+    out = model(*inputs(model, b, f, h, w))
+    assert out.shape == (b, 4, f, h, w)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 5e-3), (torch.bfloat16, 3e-2)], ids=["fp16", "bf16"])
+def test_half_precision_tracks_float32(kind, dtype, tol):
+    model = tiny_model(kind)
+    args = inputs(model, 1, 4, 8, 8)
+    ref = model(*args)
+    out = model.to(dtype)(*args)
+    assert out.dtype == dtype
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < tol
+
+
+@pytest.mark.parametrize("kind", ["base", "vsr"])
+def test_temporal_layers_are_zero_initialised(kind):
+    """A fresh model's temporal attention adds nothing, so frames are processed independently
+    except through GroupNorm statistics and the VSR Conv3d layers."""
+    model = LaVieUNet(UNetConfig.tiny(kind))
+    attr = "attn_" + model.config.temporal_attr
+    outs = [m for name, m in model.named_modules() if name.endswith(attr)]
+    assert outs and all(torch.count_nonzero(m.to_out[0].weight) == 0 for m in outs)
+    if kind == "vsr":
+        shift = [m.shift_conv for m in model.modules() if hasattr(m, "shift_conv")]
+        assert len(shift) == 2 * 2 + 1 and all(torch.count_nonzero(s.weight) == 0 for s in shift)
+
+
+def test_base_frames_interact_through_temporal_attention():
+    model = tiny_model("base")
+    x, t, ctx, _ = inputs(model, 1, 4, 8, 8)
+    out = model(x, t, ctx)
+    x2 = x.clone()
+    x2[:, :, 3] += 1.0
+    out2 = model(x2, t, ctx)
+    assert (out2[:, :, 0] - out[:, :, 0]).abs().max() > 1e-4
+
+
+def test_sparse_causal_attention_looks_only_backwards():
+    """Frame i attends to frames 0 and i-1 only: changing the last frame changes nothing before it,
+    changing frame 2 changes frame 3, and frame 1 ignores frame 2."""
+    attn = next(m.attn1 for m in tiny_model("interpolation").modules() if hasattr(m, "attn_temp"))
+    h = torch.randn(4, 6, attn.to_q.in_features)
+    ref = sparse_causal_attention(attn, h, 4)
+    last = h.clone()
+    last[3] += 1
+    changed = sparse_causal_attention(attn, last, 4)
+    assert torch.equal(ref[:3], changed[:3]) and not torch.allclose(ref[3], changed[3])
+    mid = h.clone()
+    mid[2] += 1
+    changed = sparse_causal_attention(attn, mid, 4)
+    assert not torch.allclose(changed[3], ref[3]) and torch.equal(changed[1], ref[1])
+
+
+def test_relative_position_buckets_match_t5_layout():
+    rel = RelativePositionBias(heads=8, num_buckets=32, max_distance=32)
+    b = rel.buckets(40, torch.device("cpu"))
+    q = 20
+    # keys in the past (k < q): 0..7 exact, log-spaced up to 15
+    assert [int(b[q, q - d]) for d in range(8)] == list(range(8))
+    assert int(b[q, 0]) == 8 + 5  # distance 20: 8 + floor(log(20/8) / log(4) * 8)
+    assert int(b[39, 0]) == 15 and int(b[39, 7]) == 15  # distances >= 32 share the last bucket
+    # keys in the future: 16 + d for d < 8, then log-spaced; bucket 16 (distance 0 forward) is never used
+    assert [int(b[q, q + d]) for d in range(1, 8)] == [17, 18, 19, 20, 21, 22, 23]
+    assert int(b[0, 8]) == 24 and int(b[0, 15]) == 27 and int(b[0, 16]) == 28 and int(b[0, 39]) == 31
+    assert 16 not in b.unique().tolist()
+
+
+def test_rotary_rotates_pairs_by_position_and_keeps_the_tail():
+    rot = RotaryEmbedding(4)
+    x = torch.zeros(1, 1, 3, 6)
+    x[..., 0] = 1.0  # first pair (x0, x1) = (1, 0)
+    x[..., 5] = 7.0  # beyond the rotary dims: untouched
+    out = rot.rotate(x)
+    for p in range(3):
+        angle = p * rot.freqs[0]
+        assert torch.allclose(out[0, 0, p, :2], torch.stack([angle.cos(), angle.sin()]), atol=1e-6)
+    assert torch.equal(out[..., 5], x[..., 5])
+    # rotation preserves norms and relative angles: q_i . k_j depends on i - j only
+    q = torch.randn(1, 1, 1, 4).expand(1, 1, 5, 4)
+    r = rot.rotate(q)
+    dots = torch.einsum("d,nd->n", r[0, 0, 2], r[0, 0]).tolist()
+    dots2 = torch.einsum("d,nd->n", r[0, 0, 3], r[0, 0]).tolist()
+    assert dots[1] == pytest.approx(dots2[2], abs=1e-5) and dots[0] == pytest.approx(dots2[1], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kind,kwargs,match",
+    [
+        ("base", dict(channels=3), r"expects x shaped \[B, 4, F, H, W\]"),
+        ("vsr", dict(noise=None), "needs a noise_level"),
+        ("vsr", dict(noise=351), r"noise_level must be in 0\.\.350"),
+        ("base", dict(ctx_dim=16), r"context shaped \[B, tokens, 32\]"),
+    ],
+    ids=["wrong-channels", "vsr-no-noise-level", "vsr-noise-level-too-high", "wrong-context-dim"],
+)
+def test_bad_inputs_are_named(kind, kwargs, match):
+    model = tiny_model(kind)
+    x, t, ctx, noise = inputs(model, 1, 2, 8, 8)
+    if "channels" in kwargs:
+        x = x[:, : kwargs["channels"]]
+    if "ctx_dim" in kwargs:
+        ctx = ctx[..., : kwargs["ctx_dim"]]
+    if "noise" in kwargs:
+        noise = kwargs["noise"]
+    with pytest.raises(ValueError, match=match):
+        model(x, t, ctx, noise)
+
+
+def test_config_json_round_trip_and_validation():
+    for kind in KINDS:
+        for cfg in (UNetConfig.preset(kind), UNetConfig.tiny(kind)):
+            assert UNetConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match="kind must be one of"):
+        UNetConfig(kind="upscaler", in_channels=4)
+    with pytest.raises(ValueError, match="one entry per level"):
+        UNetConfig.tiny("base", attention_levels=(True,))
+    with pytest.raises(ValueError, match="unknown UNetConfig fields"):
+        UNetConfig.from_json('{"kind": "base", "in_channels": 4, "colour": 1}')
