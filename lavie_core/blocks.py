@@ -22,6 +22,37 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """GroupNorm that keeps the channels-last layout the network runs in (no NCHW round trip).
+
+    x: `b c f h w` (statistics span all frames) or `n c h w` (statistics per image). Statistics are
+    computed in float32 whatever the activation dtype, as the native kernel does.
+    """
+    b, c, g = x.shape[0], x.shape[1], norm.num_groups
+    y = x.movedim(1, -1).reshape(b, -1, g, c // g)  # a view when x is channels-last
+    n = y.shape[1] * y.shape[3]
+    # Two float32-accumulating reads of the half-precision input, no float32 copy of the tensor.
+    mean = torch.mean(y, dim=(1, 3), keepdim=True, dtype=torch.float32)
+    square = torch.linalg.vector_norm(y, 2, dim=(1, 3), keepdim=True, dtype=torch.float32).square() / n
+    var = (square - mean.square()).clamp(min=0)
+    scale = torch.rsqrt(var + norm.eps) * norm.weight.float().view(1, 1, g, c // g)
+    shift = norm.bias.float().view(1, 1, g, c // g) - mean * scale
+    out = torch.addcmul(shift.to(x.dtype), y, scale.to(x.dtype))
+    return out.reshape(x.movedim(1, -1).shape).movedim(-1, 1)
+
+
+class VideoGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters and keys) computed without leaving the channels-last layout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self)
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """`b c f h w` stored as b f h w c: frames fold into the batch and pixels into tokens as pure views."""
+    return x.contiguous(memory_format=torch.channels_last_3d)
+
+
 class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim: int, dim: int):
         super().__init__()
@@ -46,10 +77,10 @@ class ResnetBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, temb_dim: int, groups: int, eps: float):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = VideoGroupNorm(groups, in_channels, eps=eps)
         self.conv1 = FrameConv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_dim, out_channels)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = VideoGroupNorm(groups, out_channels, eps=eps)
         self.conv2 = FrameConv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = FrameConv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
@@ -67,10 +98,10 @@ class TemporalConvBlock(nn.Module):
 
     def __init__(self, channels: int, temb_dim: int | None, groups: int, kernel: int = 3, eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, channels, eps=eps)
+        self.norm1 = VideoGroupNorm(groups, channels, eps=eps)
         self.conv1 = nn.Conv3d(channels, channels, (kernel, 1, 1), padding=(kernel // 2, 0, 0))
         self.time_emb_proj = nn.Linear(temb_dim, channels) if temb_dim is not None else None
-        self.norm2 = nn.GroupNorm(groups, channels, eps=eps)
+        self.norm2 = VideoGroupNorm(groups, channels, eps=eps)
         self.conv2 = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -227,8 +258,21 @@ class TemporalAttention(Attention):
         bias = None
         if hasattr(self, "time_rel_pos_bias"):
             bias = self.time_rel_pos_bias(x.shape[1], x.device).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.to_out[0](merge_heads(out))
+        return self.to_out[0](merge_heads(short_sequence_attention(q, k, v, bias)))
+
+
+def short_sequence_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Attention over a few dozen frames for a very large batch of pixels: `n h f d`.
+
+    The fused SDPA kernels reject batches this large and the fallback runs in float32; plain batched
+    matmuls in the activation dtype (float32 accumulation, softmax in float32) are exact and fast here.
+    """
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+    if bias is not None:
+        scores = scores + bias
+    return torch.matmul(scores.softmax(dim=-1, dtype=torch.float32).to(v.dtype), v)
 
 
 class GEGLU(nn.Module):
@@ -283,14 +327,16 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def temporal(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+    def temporal(self, x: torch.Tensor, frames: int, image_frames: int = 0) -> torch.Tensor:
         norm, attn = getattr(self, f"norm_{self.temporal_attr}"), getattr(self, f"attn_{self.temporal_attr}")
         tokens = x.shape[1]
         x = rearrange(x, "(b f) l c -> (b l) f c", f=frames)
-        x = x + attn(norm(x))
+        video = frames - image_frames
+        # Joint image-video training appends still images as extra frames; they skip temporal attention.
+        x = torch.cat([x[:, :video] + attn(norm(x[:, :video])), x[:, video:]], dim=1) if image_frames else x + attn(norm(x))
         return rearrange(x, "(b l) f c -> (b f) l c", l=tokens)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, frames: int, image_frames: int = 0) -> torch.Tensor:
         h = self.norm1(x)
         if self.spatial == "full":
             x = x + self.attn1(h)
@@ -300,10 +346,10 @@ class TransformerBlock(nn.Module):
             x = x + text_attention(self.attn1, h, context, frames)
         x = x + text_attention(self.attn2, self.norm2(x), context, frames)
         if not self.temporal_after_ff:
-            x = self.temporal(x, frames)
+            x = self.temporal(x, frames, image_frames)
         x = x + self.ff(self.norm3(x))
         if self.temporal_after_ff:
-            x = self.temporal(x, frames)
+            x = self.temporal(x, frames, image_frames)
         return x
 
 
@@ -324,7 +370,7 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         if temporal_resblock:
             self.resblock_temporal = TemporalConvBlock(channels, None, groups)
-        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.norm = VideoGroupNorm(groups, channels, eps=1e-6)
         self.linear_projection = linear_projection
         if linear_projection:
             self.proj_in, self.proj_out = nn.Linear(channels, channels), nn.Linear(channels, channels)
@@ -332,7 +378,7 @@ class SpatialTransformer(nn.Module):
             self.proj_in, self.proj_out = nn.Conv2d(channels, channels, 1), nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim, **block_args)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_frames: int = 0) -> torch.Tensor:
         b, c, f, hh, ww = x.shape
         if hasattr(self, "resblock_temporal"):
             x = self.resblock_temporal(x)
@@ -343,7 +389,7 @@ class SpatialTransformer(nn.Module):
         else:
             h = rearrange(self.proj_in(h), "n c h w -> n (h w) c")
         for block in self.transformer_blocks:
-            h = block(h, context, f)
+            h = block(h, context, f, image_frames)
         if self.linear_projection:
             h = rearrange(self.proj_out(h), "n (h w) c -> n c h w", h=hh)
         else:

@@ -218,7 +218,7 @@ def load_unet(
         target = torch.float32 if key.endswith("rotary_emb.freqs") else dtype
         converted[key] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
     model.load_state_dict(converted, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return model.use_channels_last().eval().requires_grad_(False)
 
 
 def save_unet(model: LaVieUNet, path: str | os.PathLike, dtype: torch.dtype | None = None) -> None:

@@ -9,6 +9,7 @@ from .blocks import (
     Downsample,
     FrameConv2d,
     RelativePositionBias,
+    VideoGroupNorm,
     ResnetBlock,
     RotaryEmbedding,
     SpatialTransformer,
@@ -16,6 +17,7 @@ from .blocks import (
     TimestepEmbedding,
     Upsample,
     timestep_embedding,
+    to_channels_last,
 )
 from .config import UNetConfig
 
@@ -119,8 +121,16 @@ class LaVieUNet(nn.Module):
             self.mid_temporal_block = TemporalModule(chans[-1], temb, c.norm_groups)
             self.up_temporal_blocks = nn.ModuleList(TemporalModule(ch, temb, c.norm_groups) for ch in rev)
 
-        self.conv_norm_out = nn.GroupNorm(c.norm_groups, chans[0], eps=c.norm_eps)
+        self.conv_norm_out = VideoGroupNorm(c.norm_groups, chans[0], eps=c.norm_eps)
         self.conv_out = FrameConv2d(chans[0], c.out_channels, 3, padding=1)
+
+    def use_channels_last(self) -> LaVieUNet:
+        """Store convolution weights channels-last to match the activations (cuDNN's fast NHWC path)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                fmt = torch.channels_last if m.weight.ndim == 4 else torch.channels_last_3d
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt)
+        return self
 
     @property
     def dtype(self) -> torch.dtype:
@@ -156,8 +166,14 @@ class LaVieUNet(nn.Module):
         timesteps: torch.Tensor | float,
         context: torch.Tensor,
         noise_level: torch.Tensor | int | None = None,
+        *,
+        image_frames: int = 0,
     ) -> torch.Tensor:
-        """x: `b c f h w` (all input channels, official order) -> noise/velocity prediction `b 4 f h w`."""
+        """x: `b c f h w` (all input channels, official order) -> noise/velocity prediction `b 4 f h w`.
+
+        `image_frames`: the last frames are independent still images (joint image-video training); they
+        bypass temporal attention. Inference leaves it at 0.
+        """
         b = x.shape[0]
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(b)
         if noise_level is not None:
@@ -171,13 +187,13 @@ class LaVieUNet(nn.Module):
             emb = emb + self.class_embedding(noise_level).to(dtype)
 
         temporal = self.config.temporal_modules
-        h = self.conv_in(x)
+        h = self.conv_in(to_channels_last(x))
         skips = [h]
         for i, level in enumerate(self.down_blocks):
             for resnet, attn in level.layers():
                 h = resnet(h, emb)
                 if attn is not None:
-                    h = attn(h, context)
+                    h = attn(h, context, image_frames)
                 skips.append(h)
             if hasattr(level, "downsamplers"):
                 h = level.downsamplers[0](h)
@@ -186,7 +202,7 @@ class LaVieUNet(nn.Module):
                 h = self.down_temporal_blocks[i](h, emb)
 
         r0, r1 = self.mid_block.resnets
-        h = r1(self.mid_block.attentions[0](r0(h, emb), context), emb)
+        h = r1(self.mid_block.attentions[0](r0(h, emb), context, image_frames), emb)
         if temporal:
             h = self.mid_temporal_block(h, emb)
 
@@ -194,10 +210,10 @@ class LaVieUNet(nn.Module):
             for resnet, attn in level.layers():
                 h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
                 if attn is not None:
-                    h = attn(h, context)
+                    h = attn(h, context, image_frames)
             if hasattr(level, "upsamplers"):
                 h = level.upsamplers[0](h, skips[-1].shape[-2:])
             if temporal:
                 h = self.up_temporal_blocks[i](h, emb)
 
-        return self.conv_out(F.silu(self.conv_norm_out(h)))
+        return self.conv_out(F.silu(self.conv_norm_out(h))).contiguous()

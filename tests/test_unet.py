@@ -174,3 +174,19 @@ def test_config_json_round_trip_and_validation():
         UNetConfig.tiny("base", attention_levels=(True,))
     with pytest.raises(ValueError, match="unknown UNetConfig fields"):
         UNetConfig.from_json('{"kind": "base", "in_channels": 4, "colour": 1}')
+
+
+def test_image_frames_skip_temporal_attention():
+    """Joint image-video training: appended still frames pass the temporal attention untouched and do
+    not influence the video frames' temporal attention."""
+    block = next(m for m in tiny_model("base").modules() if hasattr(m, "attn_temp"))
+    x = torch.randn(4 * 2, 6, block.norm1.normalized_shape[0])  # (b f) l c with b=2, f=4
+    out = block.temporal(x, frames=4, image_frames=2)
+    frames = out.unflatten(0, (2, 4))
+    assert torch.equal(frames[:, 2:], x.unflatten(0, (2, 4))[:, 2:])
+    video_only = block.temporal(x.unflatten(0, (2, 4))[:, :2].flatten(0, 1), frames=2)
+    torch.testing.assert_close(frames[:, :2], video_only.unflatten(0, (2, 2)))
+    assert not torch.allclose(block.temporal(x, frames=4)[2:4], x[2:4])
+    model = tiny_model("base")
+    args = inputs(model, 1, 4, 8, 8)
+    assert model(*args, image_frames=1).shape == model(*args).shape

@@ -1,0 +1,47 @@
+"""Where one UNet call spends its GPU time: torch.profiler table grouped by kernel and input shapes.
+
+    python bench/profile_unet.py --stage vsr --frames 2 [--dtype fp16] [--compile] [--rows 30]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import DTYPES, make_inputs, random_model, time_calls  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", default="base", choices=["base", "interpolation", "vsr"])
+    parser.add_argument("--frames", type=int, default=None, help="fewer frames than the paper's, to profile faster")
+    parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--rows", type=int, default=30)
+    args = parser.parse_args(argv)
+    torch.backends.cudnn.benchmark = True
+    device = torch.device("cuda")
+    model = random_model(args.stage, device).to(DTYPES[args.dtype])
+    x, t, ctx, noise = make_inputs(args.stage, device)
+    if args.frames:
+        x = x[:, :, : args.frames]
+    fn = torch.compile(model) if args.compile else model
+    with torch.no_grad():
+        times = time_calls(lambda: fn(x, t, ctx, noise), iters=3)
+        print(f"{args.stage} frames={x.shape[2]} compile={args.compile}: {min(times):.1f} ms/call")
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            fn(x, t, ctx, noise)
+            torch.cuda.synchronize()
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=50, max_shapes_column_width=90
+    )
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

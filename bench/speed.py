@@ -1,0 +1,169 @@
+"""Speed and memory of the three LaVie UNets on a CUDA GPU at the paper's sizes.
+
+    python bench/speed.py [--dtype fp16|bf16] [--stages base,interpolation,vsr] [--iters 6] [--compile]
+
+Per stage: one UNet call with the classifier-free-guidance batch of 2, median of `--iters` timed calls
+(CUDA events) after warm-up; FLOPs counted with torch's FlopCounterMode; peak memory from
+torch.cuda.max_memory_allocated; numerics against the float32 path on the same inputs. Weights are
+random at a variance-preserving scale (timing does not depend on their values).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lavie_core import LaVieUNet, UNetConfig  # noqa: E402
+
+# Inputs of one call, as in the reference measurements: CFG batch 2.
+STAGES = {
+    "base": dict(frames=16, h=40, w=64, ctx=(77, 768)),
+    "interpolation": dict(frames=61, h=40, w=64, ctx=(77, 768)),
+    "vsr": dict(frames=8, h=320, w=512, ctx=(77, 1024)),
+}
+OFFICIAL_MS = {"base": 133.4, "interpolation": 589.8, "vsr": 1723.0}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def random_model(kind: str, device: torch.device, seed: int = 0) -> LaVieUNet:
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = LaVieUNet(UNetConfig.preset(kind))
+    model = model.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                fan_in = math.prod(p.shape[1:])
+                scale = 0.5 if ("embedding" in name and p.ndim == 2 and "linear" not in name) else fan_in**-0.5
+                p.normal_(0, scale)
+            elif "norm" in name and name.endswith("weight"):
+                p.normal_(1.0, 0.1)
+            else:
+                p.normal_(0, 0.02)
+        for name, b in model.named_buffers():
+            if name.endswith("freqs"):
+                dim = 2 * b.shape[0]
+                b.copy_(1.0 / 10000 ** (torch.arange(0, dim, 2, device=device).float() / dim))
+    return model.use_channels_last().eval().requires_grad_(False)
+
+
+def make_inputs(kind: str, device: torch.device, seed: int = 0):
+    s = STAGES[kind]
+    cfg = UNetConfig.preset(kind)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(2, cfg.in_channels, s["frames"], s["h"], s["w"], generator=g).to(device)
+    ctx = torch.randn(2, *s["ctx"], generator=g).to(device)
+    t = torch.tensor([500, 500], device=device)
+    noise = torch.tensor([50, 50], device=device) if kind == "vsr" else None
+    return x, t, ctx, noise
+
+
+def time_calls(fn, iters: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def count_flops(fn) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def bench_stage(kind: str, dtype: torch.dtype, iters: int, compile_model: bool, numerics: bool) -> dict:
+    device = torch.device("cuda")
+    model = random_model(kind, device)
+    x, t, ctx, noise = make_inputs(kind, device)
+    result: dict = {"stage": kind, "dtype": str(dtype).removeprefix("torch.")}
+    ref = None
+    if numerics and dtype != torch.float32:
+        with torch.no_grad():
+            ref = model(x, t, ctx, noise).float()
+    model = model.to(dtype)
+    call_model = torch.compile(model) if compile_model else model
+
+    def call():
+        with torch.no_grad():
+            return call_model(x, t, ctx, noise)
+
+    if ref is not None:
+        out = call().float()
+        result["rel_l2_vs_fp32"] = ((out - ref).norm() / ref.norm()).item()
+        del out, ref
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base_mem = torch.cuda.memory_allocated()
+    times = time_calls(call, iters)
+    result["ms_per_call"] = statistics.median(times)
+    result["ms_all"] = [round(v, 2) for v in times]
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    result["weights_gib"] = base_mem / 2**30
+    if not compile_model:
+        flops = count_flops(call)
+        result["tflop_per_call"] = flops / 1e12
+        result["achieved_tflops"] = flops / 1e12 / (result["ms_per_call"] / 1e3)
+    result["official_ms"] = OFFICIAL_MS[kind]
+    result["speedup_vs_official"] = OFFICIAL_MS[kind] / result["ms_per_call"]
+    del model, call_model
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
+    parser.add_argument("--stages", default="base,interpolation,vsr")
+    parser.add_argument("--iters", type=int, default=6)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument("--no-numerics", action="store_true", help="skip the float32 comparison")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/speed.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} dtype {args.dtype}")
+    results = []
+    for kind in args.stages.split(","):
+        t0 = time.time()
+        r = bench_stage(kind, DTYPES[args.dtype], args.iters, args.compile, not args.no_numerics)
+        r["bench_s"] = time.time() - t0
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    print("\n| stage | ms/call | official ms | speed-up | TFLOP/call | TFLOP/s | peak GiB | rel L2 vs fp32 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['stage']} | {r['ms_per_call']:.1f} | {r['official_ms']} | {r['speedup_vs_official']:.2f}x | "
+            f"{r.get('tflop_per_call', float('nan')):.1f} | {r.get('achieved_tflops', float('nan')):.0f} | "
+            f"{r['peak_gib']:.1f} | {r.get('rel_l2_vs_fp32', float('nan')):.1e} |"
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
