@@ -31,12 +31,13 @@ def group_norm(x: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
     b, c, g = x.shape[0], x.shape[1], norm.num_groups
     y = x.movedim(1, -1).reshape(b, -1, g, c // g)  # a view when x is channels-last
     n = y.shape[1] * y.shape[3]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     # Two float32-accumulating reads of the half-precision input, no float32 copy of the tensor.
-    mean = torch.mean(y, dim=(1, 3), keepdim=True, dtype=torch.float32)
-    square = torch.linalg.vector_norm(y, 2, dim=(1, 3), keepdim=True, dtype=torch.float32).square() / n
+    mean = torch.mean(y, dim=(1, 3), keepdim=True, dtype=acc)
+    square = torch.linalg.vector_norm(y, 2, dim=(1, 3), keepdim=True, dtype=acc).square() / n
     var = (square - mean.square()).clamp(min=0)
-    scale = torch.rsqrt(var + norm.eps) * norm.weight.float().view(1, 1, g, c // g)
-    shift = norm.bias.float().view(1, 1, g, c // g) - mean * scale
+    scale = torch.rsqrt(var + norm.eps) * norm.weight.to(acc).view(1, 1, g, c // g)
+    shift = norm.bias.to(acc).view(1, 1, g, c // g) - mean * scale
     out = torch.addcmul(shift.to(x.dtype), y, scale.to(x.dtype))
     return out.reshape(x.movedim(1, -1).shape).movedim(-1, 1)
 
