@@ -1,6 +1,7 @@
 """Speed and memory of the three LaVie UNets on a CUDA GPU at the paper's sizes.
 
     python bench/speed.py [--dtype fp16|bf16] [--stages base,interpolation,vsr] [--iters 6] [--compile]
+    python bench/speed.py --cascade [--steps 50] [--cfg-mode split] [--budget-gib 12] [--compile]
 
 Per stage: one UNet call with the classifier-free-guidance batch of 2, median of `--iters` timed calls
 (CUDA events) after warm-up; FLOPs counted with torch's FlopCounterMode; peak memory from
@@ -129,6 +130,56 @@ def bench_stage(kind: str, dtype: torch.dtype, iters: int, compile_model: bool, 
     return result
 
 
+def bench_cascade(dtype: torch.dtype, steps: int, compile_model: bool, cfg_mode: str, budget_gib: float) -> dict:
+    """The whole cascade at the paper's sizes: 16 frames 320x512 -> 61 frames -> 61 frames 1280x2048.
+
+    Each stage's model is on the GPU only while it runs (the others wait in CPU memory), as the nodes
+    do. VSR runs on 8-frame chunks of the 61 frames without overlap, as the official code does.
+    """
+    from lavie_core.pipeline import interpolate, text_to_video, upscale
+
+    device = torch.device("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total))
+    report: dict = {"steps": steps, "dtype": str(dtype).removeprefix("torch."), "cfg_mode": cfg_mode,
+                    "budget_gib": budget_gib, "compile": compile_model}
+    models = {k: random_model(k, torch.device("cpu")).to(dtype) for k in ("base", "interpolation", "vsr")}
+    text = {k: torch.randn(1, 77, 1024 if k == "vsr" else 768) for k in models}
+
+    def run(kind, fn):
+        model = models[kind].to(device)
+        net = torch.compile(model) if compile_model else model
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = fn(net)
+        torch.cuda.synchronize()
+        report[f"{kind}_s"] = time.perf_counter() - t0
+        report[f"{kind}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        models[kind] = model.to("cpu")
+        torch.cuda.empty_cache()
+        print(f"{kind}: {report[f'{kind}_s']:.1f} s, peak {report[f'{kind}_peak_gib']:.2f} GiB", flush=True)
+        return out
+
+    t_start = time.perf_counter()
+    base = run("base", lambda net: text_to_video(net, text["base"], text["base"], steps=steps, cfg_mode=cfg_mode))
+    frames = run(
+        "interpolation",
+        lambda net: interpolate(net, base, text["interpolation"], text["interpolation"], steps=steps, cfg_mode=cfg_mode),
+    )
+    # VSR is conditioned on the decoded low-res video; its content does not change the timing.
+    low_res = torch.rand(1, 3, frames.shape[2], 320, 512) * 2 - 1
+    run(
+        "vsr",
+        lambda net: upscale(net, low_res, text["vsr"], text["vsr"], steps=steps, chunk_frames=8, chunk_overlap=0,
+                            cfg_mode=cfg_mode, latent_device="cuda"),
+    )
+    report["cascade_s"] = time.perf_counter() - t_start
+    report["peak_gib"] = max(report[f"{k}_peak_gib"] for k in models)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
@@ -137,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--no-numerics", action="store_true", help="skip the float32 comparison")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--cascade", action="store_true", help="time the whole cascade instead of single calls")
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps per stage (--cascade)")
+    parser.add_argument("--cfg-mode", default="split", choices=["batched", "split"], help="(--cascade)")
+    parser.add_argument("--budget-gib", type=float, default=12.0, help="GPU memory cap (--cascade)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/speed.py needs a CUDA GPU", file=sys.stderr)
@@ -145,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} dtype {args.dtype}")
+    if args.cascade:
+        report = bench_cascade(DTYPES[args.dtype], args.steps, args.compile, args.cfg_mode, args.budget_gib)
+        print(json.dumps(report))
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+        return 0
     results = []
     for kind in args.stages.split(","):
         t0 = time.time()
