@@ -52,7 +52,9 @@ def read_checkpoint(source: Source) -> tuple[StateDict, dict[str, str]]:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
         elif path.suffix in TORCH_SUFFIXES:
             try:
-                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                # Read into memory (not mmap): weights are re-laid-out tensor by tensor below, and a
+                # mapping would keep every touched page resident beside the copies.
+                data = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # torch raises several types for truncated, foreign or pickled-code files
                 raise CheckpointError(
                     f"{path}: not a readable torch checkpoint ({type(e).__name__}: {str(e)[:300]})"
@@ -212,11 +214,13 @@ def load_unet(
     check_keys(model, sd, name, kind)
     device = torch.device(device)
     converted: StateDict = {}
+    layouts = {4: torch.channels_last, 5: torch.channels_last_3d}  # conv weights, as the activations
     for key in list(sd):
-        tensor = sd.pop(key)
+        tensor = sd.pop(key)  # dropped as soon as converted, so peak memory stays near one copy
         # Rotary frequencies stay float32: they multiply frame positions, where half precision drifts.
         target = torch.float32 if key.endswith("rotary_emb.freqs") else dtype
-        converted[key] = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
+        tensor = tensor.to(device=device, dtype=target if tensor.is_floating_point() else tensor.dtype)
+        converted[key] = tensor.contiguous(memory_format=layouts.get(tensor.ndim, torch.contiguous_format))
     model.load_state_dict(converted, strict=True, assign=True)
     return model.use_channels_last().eval().requires_grad_(False)
 

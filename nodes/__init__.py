@@ -5,5 +5,13 @@ Each node module adds its classes here. Conventions: node modules import the cor
 relatively (`from . import ...`); only the bridge module touches ComfyUI internals.
 """
 
+from . import applications, bridge, loaders, sampling, video
+
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+
+bridge.register_model_folder()
+
+for _module in (loaders, sampling, video, applications):
+    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
