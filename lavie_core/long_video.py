@@ -46,19 +46,30 @@ from typing import Any, Callable
 
 import torch
 
-from .config import UNetConfig
-from .guidance import CFGDenoiser, DiscreteDenoiser
+from .guidance import CFGDenoiser
 from .pipeline import (
     LATENT_CHANNELS,
     VAE_DOWNSCALE,
     CallCallback,
+    Network,
     StageCallback,
+    cfg_calls,
+    check_cfg_mode,
+    check_context,
     check_video_size,
-    default_schedule,
+    guided_denoiser,
+    int_at_least,
+    model_evaluations,
+    non_negative,
+    require_kind,
+    resolve_device,
+    resolve_sampling,
+    run_sampler,
+    stage_callback,
     text_to_video,
 )
-from .samplers import SAMPLERS, Sampler
-from .schedules import SCHEDULES, ScheduleSpec, final_vp_scale, get_sigmas, initial_noise_scale
+from .samplers import Sampler
+from .schedules import ScheduleSpec
 from .tiling import TiledDenoiser, plan_windows
 
 __all__ = [
@@ -72,93 +83,24 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- sampling plumbing
-# Grids of integer training timesteps; rounding the recovered timestep feeds the network exactly the
-# integers the official samplers use (the rule text_to_video follows).
-_INTEGER_GRIDS = frozenset({"lavie_ddpm", "lavie_ddim", "lavie_respaced"})
-CFG_MODES = ("batched", "split")
-
-
-def _int_at_least(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _non_negative(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return float(value)
-
-
-def _base_config(unet: Any, stage: str) -> UNetConfig:
-    config = getattr(unet, "config", None)
-    if not isinstance(config, UNetConfig):
-        raise TypeError(f"expected a LaVieUNet (with a UNetConfig .config), got {type(unet).__name__}")
-    if config.kind != "base":
-        raise ValueError(f"{stage} needs a 'base' UNet, got a {config.kind!r} UNet")
-    return config
+# Validation, sampler set-up and the guided denoiser are the pipeline stages' own (lavie_core.pipeline).
 
 
 def _context(name: str, context: Any, batch: int, dim: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != dim:
-        got = list(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
-        raise ValueError(f"{name} must be [1 or B, tokens, {dim}], got {got}")
-    if context.shape[0] not in (1, batch):
-        raise ValueError(f"{name} has batch {context.shape[0]}, expected 1 or {batch}")
-    return context.to(device)
-
-
-def _device(device: torch.device | str | None, unet: Any) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    own = getattr(unet, "device", None)
-    return torch.device(own) if own is not None else torch.device("cpu")
-
-
-def _sampling(sampler: str, schedule: str | None, steps: int) -> tuple[Sampler, ScheduleSpec, torch.Tensor]:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {', '.join(sorted(SAMPLERS))}; got {sampler!r}")
-    name = default_schedule(sampler) if schedule is None else schedule
-    if name not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {', '.join(sorted(SCHEDULES))}; got {name!r}")
-    _int_at_least("steps", steps, 1)
-    return SAMPLERS[sampler], SCHEDULES[name], get_sigmas(name, steps)
+    return check_context(name, context, batch, dim).to(device)
 
 
 def _evaluations(sampler: str, sigmas: torch.Tensor, cfg: float, cfg_mode: str) -> int:
-    steps = len(sigmas) - 1
-    if sampler == "heun":
-        steps += int((sigmas[1:] > 0).sum())
-    return steps * (1 if cfg == 1.0 or cfg_mode == "batched" else 2)
-
-
-class _Net:
-    """``unet`` as ``net(x_vp, t, context=...)`` for DiscreteDenoiser; ticks ``on_call`` per call."""
-
-    def __init__(self, unet: Callable[..., torch.Tensor], on_call: Callable[[], None]) -> None:
-        self.unet = unet
-        self.on_call = on_call
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, *, context: torch.Tensor) -> torch.Tensor:
-        out = self.unet(x, t, context)
-        self.on_call()
-        return out
+    return model_evaluations(sampler, sigmas) * cfg_calls(cfg, cfg_mode)
 
 
 def _guided(
     unet: Any, spec: ScheduleSpec, context: torch.Tensor, uncond: torch.Tensor, cfg: float, cfg_mode: str,
-    on_call: Callable[[], None],
+    ticker: _Ticker,
 ) -> CFGDenoiser:
-    if cfg_mode not in CFG_MODES:
-        raise ValueError(f"cfg_mode must be one of {', '.join(CFG_MODES)}; got {cfg_mode!r}")
-    denoiser = DiscreteDenoiser(_Net(unet, on_call), spec.default_schedule, "epsilon",
-                                quantize=spec.name in _INTEGER_GRIDS)
-    return CFGDenoiser(denoiser, {"context": context}, {"context": uncond}, cfg,
-                      batched=cfg_mode == "batched", uncond_first=True)
+    check_cfg_mode(cfg_mode)
+    net = Network(unet, noise_level=None, total_calls=ticker.total, on_call=ticker)
+    return guided_denoiser(net, spec, "epsilon", context, uncond, cfg, cfg_mode, uncond_first=True)
 
 
 def _run(
@@ -171,23 +113,8 @@ def _run(
     report: Callable[[dict[str, Any]], None] | None,
 ) -> torch.Tensor:
     """One sampler run from unit ``noise`` to the VP latent, as the pipeline stages do it."""
-    x = noise * initial_noise_scale(sigmas, spec.noise_mode)
     with torch.no_grad():
-        out = sampler_fn(denoiser, x, sigmas, callback=report, generator=generator)
-    return out * final_vp_scale(sigmas)
-
-
-def _step_reporter(
-    stage: str, steps: int, callback: StageCallback | None, **extra: Any
-) -> Callable[[dict[str, Any]], None] | None:
-    if callback is None:
-        return None
-
-    def report(info: dict[str, Any]) -> None:
-        callback({"stage": stage, "step": int(info["i"]) + 1, "steps": steps, "denoised": info["denoised"],
-                  "x": info["x"], "sigma": float(info["sigma"]), **extra})
-
-    return report
+        return run_sampler(sampler_fn, denoiser, noise, sigmas, spec, generator, report)
 
 
 def clip_seed(seed: int, clip: int) -> int:
@@ -313,23 +240,23 @@ def extend_video(
     and ``width`` then come from them). Extension clip n draws its noise from ``clip_seed(seed, n)``.
     ``callback`` info carries ``clip`` and ``clips``; ``step``/``steps`` count over all clips.
     """
-    config = _base_config(unet, "extend_video")
-    total_frames = _int_at_least("total_frames", total_frames, 1)
-    clip_frames = _int_at_least("clip_frames", clip_frames, 2)
-    cond_frames = _int_at_least("cond_frames", cond_frames, 1)
+    config = require_kind(unet, "base", "extend_video")
+    total_frames = int_at_least("total_frames", total_frames, 1)
+    clip_frames = int_at_least("clip_frames", clip_frames, 2)
+    cond_frames = int_at_least("cond_frames", cond_frames, 1)
     if cond_frames >= clip_frames:
         raise ValueError(f"cond_frames ({cond_frames}) must be smaller than clip_frames ({clip_frames})")
-    batch = _int_at_least("batch", batch, 1)
-    cond_noise = _non_negative("cond_noise", cond_noise)
-    uncond_guidance = _non_negative("uncond_guidance", uncond_guidance)
-    cfg = _non_negative("cfg", cfg)
-    sampler_fn, spec, sigmas = _sampling(sampler, schedule, steps)
+    batch = int_at_least("batch", batch, 1)
+    cond_noise = non_negative("cond_noise", cond_noise)
+    uncond_guidance = non_negative("uncond_guidance", uncond_guidance)
+    cfg = non_negative("cfg", cfg)
+    sampler_fn, spec, sigmas = resolve_sampling(sampler, schedule, steps)
     if cond_noise >= spec.default_schedule.num_timesteps:
         raise ValueError(
             f"cond_noise is a training timestep, 0..{spec.default_schedule.num_timesteps - 1}; got {cond_noise}"
         )
     dim = config.cross_attention_dim
-    device = _device(device, unet)
+    device = resolve_device(device, unet)
     context = _context("context", context, batch, dim, device)
     uncond_context = _context("uncond_context", uncond_context, batch, dim, device)
 
@@ -368,7 +295,7 @@ def extend_video(
         eps = torch.randn((batch, LATENT_CHANNELS, cond_frames, h, w), generator=generator).to(device)
         known = video[:, :, -cond_frames:].to(device)
         denoiser = ConditionedClipDenoiser(guided, known, eps, sigma_cond=sigma_cond, uncond_guidance=uncond_guidance)
-        report = _step_reporter(stage, steps, _clip_callback(stage, index, clips, steps, callback))
+        report = stage_callback(stage, steps, _clip_callback(stage, index, clips, steps, callback))
         clip = _run(sampler_fn, denoiser, noise, sigmas, spec, generator, report)
         new = clip[:, :, cond_frames : cond_frames + take].to("cpu", torch.float32)
         video = torch.cat([video, new], dim=2)
@@ -403,18 +330,18 @@ def sliding_window_video(
     ``context_length >= frames`` reproduces it exactly. ``latent_device`` keeps the full latent
     elsewhere than the UNet (e.g. on the CPU for very long videos); each window moves to ``device``.
     """
-    config = _base_config(unet, "sliding_window_video")
-    frames = _int_at_least("frames", frames, 1)
-    context_length = _int_at_least("context_length", context_length, 1)
-    context_overlap = _int_at_least("context_overlap", context_overlap, 0)
+    config = require_kind(unet, "base", "sliding_window_video")
+    frames = int_at_least("frames", frames, 1)
+    context_length = int_at_least("context_length", context_length, 1)
+    context_overlap = int_at_least("context_overlap", context_overlap, 0)
     if context_length < frames and context_overlap >= context_length:
         raise ValueError(f"context_overlap ({context_overlap}) must be smaller than context_length ({context_length})")
-    batch = _int_at_least("batch", batch, 1)
+    batch = int_at_least("batch", batch, 1)
     check_video_size(height, width)
-    cfg = _non_negative("cfg", cfg)
-    sampler_fn, spec, sigmas = _sampling(sampler, schedule, steps)
+    cfg = non_negative("cfg", cfg)
+    sampler_fn, spec, sigmas = resolve_sampling(sampler, schedule, steps)
     dim = config.cross_attention_dim
-    device = _device(device, unet)
+    device = resolve_device(device, unet)
     latent_device = torch.device(latent_device) if latent_device is not None else device
     context = _context("context", context, batch, dim, device)
     uncond_context = _context("uncond_context", uncond_context, batch, dim, device)
@@ -428,7 +355,7 @@ def sliding_window_video(
     ticker = _Ticker(_evaluations(sampler, sigmas, cfg, cfg_mode) * windows, on_call)
     guided = _guided(unet, spec, context, uncond_context, cfg, cfg_mode, ticker)
     tiled = TiledDenoiser(guided, chunk_frames=context_length, chunk_overlap=overlap, device=device)
-    out = _run(sampler_fn, tiled, noise, sigmas, spec, generator, _step_reporter("sliding_window", steps, callback))
+    out = _run(sampler_fn, tiled, noise, sigmas, spec, generator, stage_callback("sliding_window", steps, callback))
     return out.to(device="cpu", dtype=torch.float32)
 
 

@@ -65,7 +65,7 @@ DEFAULT_SCHEDULES: dict[str, str] = {"ddpm": "lavie_ddpm", "ddim": "lavie_ddim",
 
 # Grids made of integer training timesteps: rounding the recovered timestep makes the network see
 # exactly the integers the official samplers feed it.
-_INTEGER_GRIDS = frozenset({"lavie_ddpm", "lavie_ddim", "lavie_respaced"})
+INTEGER_GRIDS = frozenset({"lavie_ddpm", "lavie_ddim", "lavie_respaced"})
 
 CFG_MODES = ("batched", "split")
 
@@ -88,11 +88,12 @@ X4_LOW_RES_BETAS: torch.Tensor = _x4_low_res_betas()
 
 
 # ---------------------------------------------------------------------------------------------
-# Validation helpers
+# Validation helpers (shared with lavie_core.long_video)
 # ---------------------------------------------------------------------------------------------
 
 
-def _int_at_least(name: str, value: Any, minimum: int) -> int:
+def int_at_least(name: str, value: Any, minimum: int) -> int:
+    """``value`` if it is an int (not a bool) ``>= minimum``; TypeError / ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
@@ -100,7 +101,8 @@ def _int_at_least(name: str, value: Any, minimum: int) -> int:
     return value
 
 
-def _non_negative(name: str, value: Any) -> float:
+def non_negative(name: str, value: Any) -> float:
+    """``float(value)`` if it is a number ``>= 0``; TypeError / ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     if not value >= 0:
@@ -110,11 +112,11 @@ def _non_negative(name: str, value: Any) -> float:
 
 def _check_window(name: str, size: Any, overlap_name: str, overlap: Any) -> None:
     """A window parameter (``None`` = whole axis) and its overlap, named as the caller knows them."""
-    _int_at_least(overlap_name, overlap, 0)
+    int_at_least(overlap_name, overlap, 0)
     if size is None:
         return
     for value in size if isinstance(size, (tuple, list)) else (size,):
-        _int_at_least(name, value, 1)
+        int_at_least(name, value, 1)
         if overlap >= value:
             raise ValueError(f"{overlap_name} must be smaller than {name} ({value}), got {overlap}")
 
@@ -137,14 +139,16 @@ def _config(unet: Any) -> UNetConfig:
     return config
 
 
-def _require_kind(unet: Any, kind: str, stage: str) -> UNetConfig:
+def require_kind(unet: Any, kind: str, stage: str) -> UNetConfig:
+    """The config of ``unet``, which ``stage`` needs to be a LaVieUNet of ``kind``."""
     config = _config(unet)
     if config.kind != kind:
         raise ValueError(f"{stage} needs a {kind!r} UNet, got a {config.kind!r} UNet")
     return config
 
 
-def _check_context(name: str, context: Any, batch: int, dim: int) -> torch.Tensor:
+def check_context(name: str, context: Any, batch: int, dim: int) -> torch.Tensor:
+    """``context`` if it is a `[1 or batch, tokens, dim]` tensor; ValueError naming ``name`` otherwise."""
     if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != dim:
         got = list(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
         raise ValueError(f"{name} must be [1 or B, tokens, {dim}], got {got}")
@@ -153,7 +157,8 @@ def _check_context(name: str, context: Any, batch: int, dim: int) -> torch.Tenso
     return context
 
 
-def _resolve_device(device: torch.device | str | None, unet: Any) -> torch.device:
+def resolve_device(device: torch.device | str | None, unet: Any) -> torch.device:
+    """``device``, else the UNet's own device, else the CPU."""
     if device is not None:
         return torch.device(device)
     own = getattr(unet, "device", None)
@@ -165,18 +170,20 @@ def default_schedule(sampler: str) -> str:
     return DEFAULT_SCHEDULES.get(sampler, "karras")
 
 
-def _sampling(sampler: str, schedule: str | None, steps: int) -> tuple[Sampler, ScheduleSpec, torch.Tensor]:
+def resolve_sampling(sampler: str, schedule: str | None, steps: int) -> tuple[Sampler, ScheduleSpec, torch.Tensor]:
+    """Checked sampler function, schedule spec (``None``: ``default_schedule(sampler)``) and sigma grid."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(sorted(SAMPLERS))}; got {sampler!r}")
     name = default_schedule(sampler) if schedule is None else schedule
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(sorted(SCHEDULES))}; got {name!r}")
-    _int_at_least("steps", steps, 1)
+    int_at_least("steps", steps, 1)
     spec = SCHEDULES[name]
     return SAMPLERS[sampler], spec, get_sigmas(name, steps)
 
 
-def _model_evaluations(sampler: str, sigmas: torch.Tensor) -> int:
+def model_evaluations(sampler: str, sigmas: torch.Tensor) -> int:
+    """Denoiser evaluations ``sampler`` makes on ``sigmas`` (before CFG and windows multiply them)."""
     steps = len(sigmas) - 1
     if sampler == "heun":
         # A second evaluation on every step that does not land on sigma 0.
@@ -184,16 +191,17 @@ def _model_evaluations(sampler: str, sigmas: torch.Tensor) -> int:
     return steps
 
 
-def _cfg_calls(cfg: float, cfg_mode: str) -> int:
+def cfg_calls(cfg: float, cfg_mode: str) -> int:
+    """UNet calls per guided evaluation: 2 in split mode with guidance, else 1."""
     return 1 if cfg == 1.0 or cfg_mode == "batched" else 2
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared machinery
+# Shared machinery (also used by lavie_core.long_video)
 # ---------------------------------------------------------------------------------------------
 
 
-class _Network:
+class Network:
     """``unet`` as the ``net(x_vp, t, **kwargs) -> eps | v`` that DiscreteDenoiser wraps.
 
     Conditioning that the official models concatenate on channels after the noisy latent
@@ -230,7 +238,8 @@ class _Network:
         return out
 
 
-def _stage_callback(stage: str, steps: int, callback: StageCallback | None) -> StageCallback | None:
+def stage_callback(stage: str, steps: int, callback: StageCallback | None) -> StageCallback | None:
+    """Sampler step info -> the stage ``callback`` info described in the module docstring."""
     if callback is None:
         return None
 
@@ -249,8 +258,8 @@ def _stage_callback(stage: str, steps: int, callback: StageCallback | None) -> S
     return report
 
 
-def _guided(
-    net: _Network,
+def guided_denoiser(
+    net: Network,
     spec: ScheduleSpec,
     prediction: str,
     context: torch.Tensor,
@@ -260,8 +269,10 @@ def _guided(
     *,
     uncond_first: bool,
 ) -> CFGDenoiser:
+    """``net`` as an x0 denoiser on the spec's training schedule (integer timesteps on the official grids),
+    guided with weight ``cfg`` between ``context`` and ``uncond_context``."""
     denoiser = DiscreteDenoiser(
-        net, spec.default_schedule, prediction, quantize=spec.name in _INTEGER_GRIDS
+        net, spec.default_schedule, prediction, quantize=spec.name in INTEGER_GRIDS
     )
     return CFGDenoiser(
         denoiser,
@@ -273,15 +284,20 @@ def _guided(
     )
 
 
-def _check_common(steps: int, cfg: float, cfg_mode: str) -> float:
-    _int_at_least("steps", steps, 1)
-    cfg = _non_negative("cfg", cfg)
+def check_cfg_mode(cfg_mode: str) -> None:
+    """Raise ``ValueError`` unless ``cfg_mode`` is one of ``CFG_MODES``."""
     if cfg_mode not in CFG_MODES:
         raise ValueError(f"cfg_mode must be one of {', '.join(CFG_MODES)}; got {cfg_mode!r}")
+
+
+def _check_common(steps: int, cfg: float, cfg_mode: str) -> float:
+    int_at_least("steps", steps, 1)
+    cfg = non_negative("cfg", cfg)
+    check_cfg_mode(cfg_mode)
     return cfg
 
 
-def _sample(
+def run_sampler(
     sampler_fn: Sampler,
     denoiser: Callable[..., torch.Tensor],
     noise: torch.Tensor,
@@ -328,27 +344,27 @@ def text_to_video(
     sigma range for the others. CFG batch order is [uncond, cond] as in the official pipeline;
     ``cfg_mode="split"`` runs the two halves as separate calls (less memory, same result).
     """
-    config = _require_kind(unet, "base", "text_to_video")
-    _int_at_least("frames", frames, 1)
-    _int_at_least("batch", batch, 1)
+    config = require_kind(unet, "base", "text_to_video")
+    int_at_least("frames", frames, 1)
+    int_at_least("batch", batch, 1)
     check_video_size(height, width)
     cfg = _check_common(steps, cfg, cfg_mode)
-    sampler_fn, spec, sigmas = _sampling(sampler, schedule, steps)
+    sampler_fn, spec, sigmas = resolve_sampling(sampler, schedule, steps)
     dim = config.cross_attention_dim
-    device = _resolve_device(device, unet)
-    context = _check_context("context", context, batch, dim).to(device)
-    uncond_context = _check_context("uncond_context", uncond_context, batch, dim).to(device)
+    device = resolve_device(device, unet)
+    context = check_context("context", context, batch, dim).to(device)
+    uncond_context = check_context("uncond_context", uncond_context, batch, dim).to(device)
 
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, LATENT_CHANNELS, frames, height // VAE_DOWNSCALE, width // VAE_DOWNSCALE)
     noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
-    total = _model_evaluations(sampler, sigmas) * _cfg_calls(cfg, cfg_mode)
-    net = _Network(unet, noise_level=None, total_calls=total, on_call=on_call)
-    denoiser = _guided(net, spec, "epsilon", context, uncond_context, cfg, cfg_mode, uncond_first=True)
-    report = _stage_callback("text_to_video", steps, callback)
+    total = model_evaluations(sampler, sigmas) * cfg_calls(cfg, cfg_mode)
+    net = Network(unet, noise_level=None, total_calls=total, on_call=on_call)
+    denoiser = guided_denoiser(net, spec, "epsilon", context, uncond_context, cfg, cfg_mode, uncond_first=True)
+    report = stage_callback("text_to_video", steps, callback)
     with torch.no_grad():
-        out = _sample(sampler_fn, denoiser, noise, sigmas, spec, generator, report)
+        out = run_sampler(sampler_fn, denoiser, noise, sigmas, spec, generator, report)
     return out.to(device="cpu", dtype=torch.float32)
 
 
@@ -364,7 +380,7 @@ def interpolation_layout(n: int) -> list[int]:
     and last two dropped): frame 0 three times, frames 1..n-2 four times, frame n-1 twice, and key
     frame k at position 4k.
     """
-    _int_at_least("n", n, 2)
+    int_at_least("n", n, 2)
     return [(p + 1) // 4 for p in range(4 * n - 3)]
 
 
@@ -403,7 +419,7 @@ def interpolate(
     other than the first anchor on their own first frame. ``None`` runs all frames at once, as the
     official code does.
     """
-    config = _require_kind(unet, "interpolation", "interpolate")
+    config = require_kind(unet, "interpolation", "interpolate")
     if not isinstance(latents, torch.Tensor) or latents.ndim != 5 or latents.shape[1] != LATENT_CHANNELS:
         got = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
         raise ValueError(f"latents must be [B, {LATENT_CHANNELS}, n, h, w], got {got}")
@@ -412,11 +428,11 @@ def interpolate(
         raise ValueError(f"interpolation needs at least 2 frames (n >= 2), got n={n}")
     cfg = _check_common(steps, cfg, cfg_mode)
     _check_window("frame_window", frame_window, "window_overlap", window_overlap)
-    sampler_fn, spec, sigmas = _sampling(sampler, schedule, steps)
+    sampler_fn, spec, sigmas = resolve_sampling(sampler, schedule, steps)
     dim = config.cross_attention_dim
-    device = _resolve_device(device, unet)
-    context = _check_context("context", context, b, dim).to(device)
-    uncond_context = _check_context("uncond_context", uncond_context, b, dim).to(device)
+    device = resolve_device(device, unet)
+    context = check_context("context", context, b, dim).to(device)
+    uncond_context = check_context("uncond_context", uncond_context, b, dim).to(device)
 
     out_frames = 4 * n - 3
     conditioning = latents[:, :, interpolation_layout(n)].to(device=device, dtype=torch.float32)
@@ -426,13 +442,13 @@ def interpolate(
     windows = len(
         plan_windows(out_frames, h, w, chunk_frames=frame_window, chunk_overlap=window_overlap if frame_window else 0)
     )
-    total = _model_evaluations(sampler, sigmas) * _cfg_calls(cfg, cfg_mode) * windows
-    net = _Network(unet, noise_level=None, total_calls=total, on_call=on_call)
-    guided = _guided(net, spec, "epsilon", context, uncond_context, cfg, cfg_mode, uncond_first=False)
-    report = _stage_callback("interpolation", steps, callback)
+    total = model_evaluations(sampler, sigmas) * cfg_calls(cfg, cfg_mode) * windows
+    net = Network(unet, noise_level=None, total_calls=total, on_call=on_call)
+    guided = guided_denoiser(net, spec, "epsilon", context, uncond_context, cfg, cfg_mode, uncond_first=False)
+    report = stage_callback("interpolation", steps, callback)
     with torch.no_grad():
         if frame_window is None:
-            out = _sample(sampler_fn, guided, noise, sigmas, spec, generator, report, {"concat": conditioning})
+            out = run_sampler(sampler_fn, guided, noise, sigmas, spec, generator, report, {"concat": conditioning})
         else:
             tiled = TiledDenoiser(
                 guided,
@@ -440,7 +456,7 @@ def interpolate(
                 chunk_overlap=window_overlap,
                 conditioning={"concat": conditioning},
             )
-            out = _sample(sampler_fn, tiled, noise, sigmas, spec, generator, report)
+            out = run_sampler(sampler_fn, tiled, noise, sigmas, spec, generator, report)
     return out.to(device="cpu", dtype=torch.float32)
 
 
@@ -511,7 +527,7 @@ def upscale(
     deterministic sampler such as DDIM, the result equals independent per-chunk runs from the same
     noise. Random draws: low-res augmentation noise first, then the initial latent noise.
     """
-    config = _require_kind(unet, "vsr", "upscale")
+    config = require_kind(unet, "vsr", "upscale")
     if not isinstance(low_res, torch.Tensor) or low_res.ndim != 5 or low_res.shape[1] != 3:
         got = list(low_res.shape) if isinstance(low_res, torch.Tensor) else type(low_res).__name__
         raise ValueError(f"low_res must be an RGB video [B, 3, F, H, W], got {got}")
@@ -524,12 +540,12 @@ def upscale(
     cfg = _check_common(steps, cfg, cfg_mode)
     _check_window("tile", tile, "tile_overlap", tile_overlap)
     _check_window("chunk_frames", chunk_frames, "chunk_overlap", chunk_overlap)
-    sampler_fn, spec, sigmas = _sampling(sampler, schedule, steps)
+    sampler_fn, spec, sigmas = resolve_sampling(sampler, schedule, steps)
     dim = config.cross_attention_dim
-    device = _resolve_device(device, unet)
+    device = resolve_device(device, unet)
     latent_device = torch.device(latent_device)
-    context = _check_context("context", context, b, dim).to(device)
-    uncond_context = _check_context("uncond_context", uncond_context, b, dim).to(device)
+    context = check_context("context", context, b, dim).to(device)
+    uncond_context = check_context("uncond_context", uncond_context, b, dim).to(device)
     windows = len(
         plan_windows(f, h, w, tile=tile, overlap=tile_overlap, chunk_frames=chunk_frames, chunk_overlap=chunk_overlap)
     )
@@ -540,9 +556,9 @@ def upscale(
     low_res_noisy = augment_low_res(low_res, noise_level, lr_noise, betas=low_res_betas).to(latent_device)
     noise = torch.randn((b, LATENT_CHANNELS, f, h, w), generator=generator, dtype=torch.float32).to(latent_device)
 
-    total = _model_evaluations(sampler, sigmas) * _cfg_calls(cfg, cfg_mode) * windows
-    net = _Network(unet, noise_level=noise_level, total_calls=total, on_call=on_call)
-    guided = _guided(net, spec, "v", context, uncond_context, cfg, cfg_mode, uncond_first=True)
+    total = model_evaluations(sampler, sigmas) * cfg_calls(cfg, cfg_mode) * windows
+    net = Network(unet, noise_level=noise_level, total_calls=total, on_call=on_call)
+    guided = guided_denoiser(net, spec, "v", context, uncond_context, cfg, cfg_mode, uncond_first=True)
     tiled = TiledDenoiser(
         guided,
         tile=tile,
@@ -552,9 +568,9 @@ def upscale(
         conditioning={"concat": low_res_noisy},
         device=device,
     )
-    report = _stage_callback("upscale", steps, callback)
+    report = stage_callback("upscale", steps, callback)
     with torch.no_grad():
-        out = _sample(sampler_fn, tiled, noise, sigmas, spec, generator, report)
+        out = run_sampler(sampler_fn, tiled, noise, sigmas, spec, generator, report)
     return out.to(device="cpu", dtype=torch.float32)
 
 
@@ -591,10 +607,10 @@ def estimate_unet_memory(
     (GEGLU feed-forward at the top level). Attention is assumed to be fused (no n^2 score
     matrix). Weights are not included. Good to a factor of ~2, enough to choose tile sizes.
     """
-    _int_at_least("frames", frames, 1)
-    _int_at_least("height", height, 1)
-    _int_at_least("width", width, 1)
-    _int_at_least("batch", batch, 1)
+    int_at_least("frames", frames, 1)
+    int_at_least("height", height, 1)
+    int_at_least("width", width, 1)
+    int_at_least("batch", batch, 1)
     levels = len(config.block_out_channels)
     pixels = []
     h, w = height, width

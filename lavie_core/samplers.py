@@ -88,6 +88,37 @@ def _report(
         callback({"i": i, "x": x, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "denoised": denoised})
 
 
+Evaluate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Step = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, Evaluate], torch.Tensor]
+
+
+def _walk(
+    model: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: dict[str, Any] | None,
+    callback: Callback | None,
+    step: Step,
+) -> torch.Tensor:
+    """The loop every sampler shares: denoise ``x`` at ``sigmas[i]``, let ``step`` move it, report.
+
+    ``step(i, x, denoised, sigmas, evaluate)`` returns the new ``x``; ``evaluate(x, sigma)`` is a
+    further model call at a scalar ``sigma`` (Heun's corrector).
+    """
+    extra_args = {} if extra_args is None else extra_args
+    sigmas = _prepare_sigmas(x, sigmas)
+    s_in = sigmas.new_ones([x.shape[0]])
+
+    def evaluate(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return model(x, sigma * s_in, **extra_args)
+
+    for i in range(len(sigmas) - 1):
+        denoised = evaluate(x, sigmas[i])
+        x = step(i, x, denoised, sigmas, evaluate)
+        _report(callback, i, x, sigmas, denoised)
+    return x
+
+
 @torch.no_grad()
 def sample_euler(
     model: Denoiser,
@@ -102,15 +133,12 @@ def sample_euler(
 
     On the DDIM grid this is exactly DDIM with eta=0: ``x_next = x0 + sigma_next * eps``.
     """
-    extra_args = {} if extra_args is None else extra_args
-    sigmas = _prepare_sigmas(x, sigmas)
-    s_in = sigmas.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+
+    def step(i: int, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, _: Evaluate) -> torch.Tensor:
         d = _to_d(x, sigmas[i], denoised)
-        x = x + d * (sigmas[i + 1] - sigmas[i])
-        _report(callback, i, x, sigmas, denoised)
-    return x
+        return x + d * (sigmas[i + 1] - sigmas[i])
+
+    return _walk(model, x, sigmas, extra_args, callback, step)
 
 
 @torch.no_grad()
@@ -132,19 +160,17 @@ def sample_euler_ancestral(
     """
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
-    extra_args = {} if extra_args is None else extra_args
-    sigmas = _prepare_sigmas(x, sigmas)
-    s_in = sigmas.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+
+    def step(i: int, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, _: Evaluate) -> torch.Tensor:
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         d = _to_d(x, sigmas[i], denoised)
         x = x + d * (sigma_down - sigma)
         if sigma_up > 0:
             x = x + _noise_like(x, generator) * (s_noise * sigma_up)
-        _report(callback, i, x, sigmas, denoised)
-    return x
+        return x
+
+    return _walk(model, x, sigmas, extra_args, callback, step)
 
 
 @torch.no_grad()
@@ -161,22 +187,20 @@ def sample_heun(
 
     Costs two model calls per step except the last.
     """
-    extra_args = {} if extra_args is None else extra_args
-    sigmas = _prepare_sigmas(x, sigmas)
-    s_in = sigmas.new_ones([x.shape[0]])
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+
+    def step(
+        i: int, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, evaluate: Evaluate
+    ) -> torch.Tensor:
         d = _to_d(x, sigmas[i], denoised)
         dt = sigmas[i + 1] - sigmas[i]
         if float(sigmas[i + 1]) == 0:
-            x = x + d * dt
-        else:
-            x_euler = x + d * dt
-            denoised_next = model(x_euler, sigmas[i + 1] * s_in, **extra_args)
-            d_next = _to_d(x_euler, sigmas[i + 1], denoised_next)
-            x = x + (d + d_next) * (dt / 2)
-        _report(callback, i, x, sigmas, denoised)
-    return x
+            return x + d * dt
+        x_euler = x + d * dt
+        denoised_next = evaluate(x_euler, sigmas[i + 1])
+        d_next = _to_d(x_euler, sigmas[i + 1], denoised_next)
+        return x + (d + d_next) * (dt / 2)
+
+    return _walk(model, x, sigmas, extra_args, callback, step)
 
 
 @torch.no_grad()
@@ -193,13 +217,11 @@ def sample_dpmpp_2m(
 
     The first step, and a step into sigma 0 (where log-sigma is undefined), are first order.
     """
-    extra_args = {} if extra_args is None else extra_args
-    sigmas = _prepare_sigmas(x, sigmas)
-    s_in = sigmas.new_ones([x.shape[0]])
     prev_denoised: torch.Tensor | None = None
     prev_h: float | None = None
-    for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+
+    def step(i: int, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, _: Evaluate) -> torch.Tensor:
+        nonlocal prev_denoised, prev_h
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
         if sigma_next == 0:
             x = denoised
@@ -212,8 +234,9 @@ def sample_dpmpp_2m(
             x = x * (sigma_next / sigma) - target * math.expm1(-h)
             prev_h = h
         prev_denoised = denoised
-        _report(callback, i, x, sigmas, denoised)
-    return x
+        return x
+
+    return _walk(model, x, sigmas, extra_args, callback, step)
 
 
 def sample_ddim(

@@ -42,19 +42,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
 from .tiling import tile_spans
 from .vae import (
     AutoencoderKL,
+    Decoder,
     Encoder,
     ResnetBlock,
-    SpatialSelfAttention,
-    Upsample,
     VAEConfig,
+    check_fit,
     convert_vae_state_dict,
+    index_set,
+    ldm_key_to_diffusers,
+    placed_on,
+    posterior,
+    resnet_part,
 )
 
 __all__ = [
@@ -119,20 +123,16 @@ class TemporalVAEConfig:
         return cls(**base)
 
 
-class TemporalResnetBlock(nn.Module):
+class TemporalResnetBlock(ResnetBlock):
     """GroupNorm -> SiLU -> Conv3d (3,1,1) twice, plus the input. GroupNorm sees `b c f h w`, so its
     statistics span every frame of the call."""
 
     def __init__(self, channels: int, groups: int, eps: float = 1e-5):
-        super().__init__()
-        self.norm1 = nn.GroupNorm(groups, channels, eps=eps)
-        self.conv1 = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
-        self.norm2 = nn.GroupNorm(groups, channels, eps=eps)
-        self.conv2 = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+        super().__init__(channels, channels, groups, eps)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        return x + self.conv2(F.silu(self.norm2(h)))
+    @staticmethod
+    def make_conv(in_channels: int, out_channels: int) -> nn.Module:
+        return nn.Conv3d(in_channels, out_channels, (3, 1, 1), padding=(1, 0, 0))
 
 
 class AlphaBlender(nn.Module):
@@ -161,58 +161,18 @@ class SpatioTemporalResBlock(nn.Module):
         return rearrange(mixed, "b c f h w -> (b f) c h w")
 
 
-class TemporalMidBlock(nn.Module):
-    def __init__(self, channels: int, layers: int, groups: int):
-        super().__init__()
-        self.resnets = nn.ModuleList(SpatioTemporalResBlock(channels, channels, groups) for _ in range(layers))
-        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)])
+class TemporalDecoder(Decoder):
+    """SD's decoder with spatio-temporal resnets (``layers_per_block`` of them in the mid block) and a
+    final (3, 1, 1) convolution over time."""
 
-    def forward(self, x: Tensor, frames: int) -> Tensor:
-        x = self.resnets[0](x, frames)
-        for resnet, attention in zip(self.resnets[1:], self.attentions):
-            x = resnet(attention(x), frames)
-        return x
-
-
-class TemporalUpBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
-        super().__init__()
-        self.resnets = nn.ModuleList(
-            SpatioTemporalResBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)
-        )
-        if upsample:
-            self.upsamplers = nn.ModuleList([Upsample(out_channels)])
-
-    def forward(self, x: Tensor, frames: int) -> Tensor:
-        for resnet in self.resnets:
-            x = resnet(x, frames)
-        if hasattr(self, "upsamplers"):
-            x = self.upsamplers[0](x)
-        return x
-
-
-class TemporalDecoder(nn.Module):
     def __init__(self, config: TemporalVAEConfig):
-        super().__init__()
-        ch, groups = config.block_out_channels[::-1], config.norm_num_groups
-        self.conv_in = nn.Conv2d(config.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = TemporalMidBlock(ch[0], config.layers_per_block, groups)
-        self.up_blocks = nn.ModuleList(
-            TemporalUpBlock(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, groups, upsample=i < len(ch) - 1)
-            for i in range(len(ch))
-        )
-        self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=1e-6)
-        self.conv_out = nn.Conv2d(ch[-1], config.out_channels, 3, padding=1)
+        super().__init__(config.vae_config(), resnet=SpatioTemporalResBlock, mid_layers=config.layers_per_block)
         self.time_conv_out = nn.Conv3d(config.out_channels, config.out_channels, (3, 1, 1), padding=(1, 0, 0))
 
     def forward(self, z: Tensor) -> Tensor:
         """Unscaled latents `b c f h w` -> frames `b c f H W`."""
         frames = z.shape[2]
-        x = self.conv_in(rearrange(z, "b c f h w -> (b f) c h w"))
-        x = self.mid_block(x, frames)
-        for block in self.up_blocks:
-            x = block(x, frames)
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        x = super().forward(rearrange(z, "b c f h w -> (b f) c h w"), frames)
         return self.time_conv_out(rearrange(x, "(b f) c h w -> b c f h w", f=frames))
 
 
@@ -243,8 +203,7 @@ class TemporalAutoencoder(nn.Module):
         moments = self.encoder(x)
         if self.config.has_quant_conv:
             moments = self.quant_conv(moments)
-        mean, logvar = moments.chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
+        return posterior(moments)
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latents `b c f h w` -> video `b c f H W`, roughly in [-1, 1]."""
@@ -256,7 +215,6 @@ _SGM_TEMPORAL = re.compile(r"^decoder\.(mid\.block_\d|up\.\d+\.block\.\d+)\.(tim
 _DIFFUSERS_TEMPORAL = re.compile(r"^decoder\.(mid_block|up_blocks\.\d+)\.resnets\.\d+\.(temporal_res_block|time_mixer)\.")
 _WRAPPERS = ("first_stage_model.", "vae.")
 _TIME_STACK = {"in_layers.0": "norm1", "in_layers.2": "conv1", "out_layers.0": "norm2", "out_layers.3": "conv2"}
-_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 
 
 def _unwrap(state_dict: Mapping[str, Any]) -> StateDict:
@@ -293,26 +251,14 @@ def _sgm_resnet_part(rest: str) -> str:
         return f"temporal_res_block.{tail}"
     if rest == "mix_factor":
         return "time_mixer.mix_factor"
-    if rest.startswith("nin_shortcut."):
-        rest = "conv_shortcut." + rest[len("nin_shortcut."):]
-    return f"spatial_res_block.{rest}"
+    return f"spatial_res_block.{resnet_part(rest) if '.' in rest else rest}"
 
 
 def _sgm_decoder_key(key: str, num_up: int) -> str:
     if key.startswith("decoder.conv_out.time_mix_conv."):
         return "decoder.time_conv_out." + key[len("decoder.conv_out.time_mix_conv."):]
-    if m := re.match(r"^decoder\.norm_out\.(.+)$", key):
-        return f"decoder.conv_norm_out.{m[1]}"
-    if m := re.match(r"^decoder\.mid\.block_(\d+)\.(.+)$", key):
-        return f"decoder.mid_block.resnets.{int(m[1]) - 1}.{_sgm_resnet_part(m[2])}"
-    if m := re.match(r"^decoder\.mid\.attn_1\.(\w+)\.(.+)$", key):
-        return f"decoder.mid_block.attentions.0.{_ATTN.get(m[1], m[1])}.{m[2]}"
     # sgm numbers decoder levels from the highest resolution, diffusers in execution order.
-    if m := re.match(r"^decoder\.up\.(\d+)\.block\.(\d+)\.(.+)$", key):
-        return f"decoder.up_blocks.{num_up - 1 - int(m[1])}.resnets.{m[2]}.{_sgm_resnet_part(m[3])}"
-    if m := re.match(r"^decoder\.up\.(\d+)\.upsample\.conv\.(.+)$", key):
-        return f"decoder.up_blocks.{num_up - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"
-    return key
+    return ldm_key_to_diffusers(key, num_up, _sgm_resnet_part)
 
 
 def convert_temporal_vae_state_dict(state_dict: Mapping[str, Any]) -> StateDict:
@@ -341,14 +287,10 @@ def convert_temporal_vae_state_dict(state_dict: Mapping[str, Any]) -> StateDict:
     return out
 
 
-def _index_set(keys: Any, pattern: str) -> set[int]:
-    return {int(m[1]) for k in keys if (m := re.match(pattern, k))}
-
-
 def infer_temporal_vae_config(state_dict: Mapping[str, Tensor], *, name: str = "state dict") -> TemporalVAEConfig:
     """Config from a diffusers-layout state dict (run ``convert_temporal_vae_state_dict`` first)."""
     keys = list(state_dict)
-    ups = sorted(_index_set(keys, r"^decoder\.up_blocks\.(\d+)\."))
+    ups = sorted(index_set(keys, r"^decoder\.up_blocks\.(\d+)\."))
     if not ups or ups != list(range(len(ups))) or "decoder.conv_in.weight" not in state_dict:
         raise ValueError(f"{name}: not a temporal-decoder VAE (no decoder.up_blocks / decoder.conv_in); "
                          f"first keys: {', '.join(keys[:5]) or '<empty>'}")
@@ -357,7 +299,7 @@ def infer_temporal_vae_config(state_dict: Mapping[str, Tensor], *, name: str = "
             int(state_dict[f"decoder.up_blocks.{i}.resnets.0.spatial_res_block.conv2.weight"].shape[0])
             for i in reversed(ups)
         )
-        layers = len(_index_set(keys, r"^decoder\.up_blocks\.0\.resnets\.(\d+)\.")) - 1
+        layers = len(index_set(keys, r"^decoder\.up_blocks\.0\.resnets\.(\d+)\.")) - 1
         latent = int(state_dict["decoder.conv_in.weight"].shape[1])
         out_channels = int(state_dict["decoder.conv_out.weight"].shape[0])
     except KeyError as e:
@@ -399,10 +341,6 @@ def _read(source: str | os.PathLike | Mapping[str, Tensor]) -> tuple[str, Mappin
     return str(path), data
 
 
-def _first(items: list[str]) -> str:
-    return ", ".join(items[:5]) + (f", ... (+{len(items) - 5})" if len(items) > 5 else "")
-
-
 def load_temporal_vae(
     source: str | os.PathLike | Mapping[str, Tensor],
     *,
@@ -422,17 +360,7 @@ def load_temporal_vae(
     config = config or infer_temporal_vae_config(sd, name=name)
     with torch.device("meta"):
         model = TemporalAutoencoder(config)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong = [f"{k} (expected {list(expected[k])}, got {list(sd[k].shape)})"
-             for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
-    if missing or unexpected or wrong:
-        parts = [f"{layout} layout, expected {len(expected)} tensors, got {len(sd)}"]
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if items:
-                parts.append(f"{label} {len(items)}: {_first(items)}")
-        raise ValueError(f"{name}: weights do not fit the temporal VAE ({config}): " + "; ".join(parts))
+    check_fit(model, sd, name, what=f"the temporal VAE ({config})", layout=layout)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -509,32 +437,24 @@ def decode_video_temporal(
     _check_latents(latents)
     b, _, f, _, _ = latents.shape
     windows = temporal_windows(f, chunk, overlap)
-    home = vae.device
-    target = torch.device(device) if device is not None else home
-    if target != home:
-        vae.to(target)
     out: Tensor | None = None
-    try:
-        with torch.no_grad():
-            for bi in range(b):
-                for wi, ((start, stop), weight) in enumerate(windows):
-                    z = latents[bi : bi + 1, :, start:stop].to(target, torch.float32) / vae.config.scaling_factor
-                    frames = vae.decode(z.to(vae.dtype)).to(out_device, torch.float32)
-                    if out is None:
-                        out = torch.zeros((b, frames.shape[1], f, *frames.shape[3:]), dtype=torch.float32,
-                                          device=out_device)
-                    if len(windows) == 1:
-                        out[bi] = frames[0]
-                    else:
-                        w = weight.to(device=out_device, dtype=torch.float32)[None, :, None, None]
-                        out[bi, :, start:stop] += frames[0] * w
-                    del frames
-                    if callback is not None:
-                        done = windows[wi + 1][0][0] if wi + 1 < len(windows) else f
-                        callback(bi * f + done, b * f)
-    finally:
-        if target != home:
-            vae.to(home)
+    with placed_on(vae, device) as target, torch.no_grad():
+        for bi in range(b):
+            for wi, ((start, stop), weight) in enumerate(windows):
+                z = latents[bi : bi + 1, :, start:stop].to(target, torch.float32) / vae.config.scaling_factor
+                frames = vae.decode(z.to(vae.dtype)).to(out_device, torch.float32)
+                if out is None:
+                    out = torch.zeros((b, frames.shape[1], f, *frames.shape[3:]), dtype=torch.float32,
+                                      device=out_device)
+                if len(windows) == 1:
+                    out[bi] = frames[0]
+                else:
+                    w = weight.to(device=out_device, dtype=torch.float32)[None, :, None, None]
+                    out[bi, :, start:stop] += frames[0] * w
+                del frames
+                if callback is not None:
+                    done = windows[wi + 1][0][0] if wi + 1 < len(windows) else f
+                    callback(bi * f + done, b * f)
     assert out is not None
     return out
 

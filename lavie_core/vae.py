@@ -12,7 +12,8 @@ import json
 import os
 import pickle
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,16 +89,25 @@ def _preset_scaling(levels: int, default: float | None = None) -> float | None:
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, groups: int):
+    """GroupNorm -> SiLU -> conv twice, plus the input (through a 1x1 conv when the width changes).
+
+    Subclasses change the convolution through `make_conv` (the temporal VAE uses (3, 1, 1) Conv3d).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, eps: float = 1e-6):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=1e-6)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=1e-6)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = self.make_conv(in_channels, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.conv2 = self.make_conv(out_channels, out_channels)
         if in_channels != out_channels:
             self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1)
         else:
             self.conv_shortcut = None
+
+    @staticmethod
+    def make_conv(in_channels: int, out_channels: int) -> nn.Module:
+        return nn.Conv2d(in_channels, out_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -150,15 +160,19 @@ class SpatialSelfAttention(nn.Module):
 
 
 class MidBlock(nn.Module):
-    def __init__(self, channels: int, groups: int):
+    """resnet -> attention -> resnet. `resnet` builds each resnet as `resnet(in, out, groups)`;
+    extra positional arguments of `forward` are passed on to the resnets."""
+
+    def __init__(self, channels: int, groups: int, layers: int = 2, resnet: Callable[..., nn.Module] = ResnetBlock):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups), ResnetBlock(channels, channels, groups)])
+        self.resnets = nn.ModuleList([resnet(channels, channels, groups) for _ in range(layers)])
         self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)])
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.resnets[0](x)
-        x = self.attentions[0](x)
-        return self.resnets[1](x)
+    def forward(self, x: Tensor, *context: object) -> Tensor:
+        x = self.resnets[0](x, *context)
+        for resnet, attention in zip(self.resnets[1:], self.attentions):
+            x = resnet(attention(x), *context)
+        return x
 
 
 class DownBlock(nn.Module):
@@ -176,15 +190,27 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, layers: int, groups: int, upsample: bool):
+    """`layers` resnets, then an optional 2x upsample; `resnet` and `forward`'s extra arguments as in MidBlock."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        layers: int,
+        groups: int,
+        upsample: bool,
+        resnet: Callable[..., nn.Module] = ResnetBlock,
+    ):
         super().__init__()
         self.resnets = nn.ModuleList(
-            [ResnetBlock(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)]
+            [resnet(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)]
         )
         self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
 
-    def forward(self, x: Tensor) -> Tensor:
-        for block in (*self.resnets, *self.upsamplers):
+    def forward(self, x: Tensor, *context: object) -> Tensor:
+        for block in self.resnets:
+            x = block(x, *context)
+        for block in self.upsamplers:
             x = block(x)
         return x
 
@@ -213,25 +239,37 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: VAEConfig):
+    """SD decoder; `resnet` and `mid_layers` let the temporal VAE swap in its spatio-temporal resnets,
+    and extra positional arguments of `forward` reach every resnet."""
+
+    def __init__(self, config: VAEConfig, *, resnet: Callable[..., nn.Module] = ResnetBlock, mid_layers: int = 2):
         super().__init__()
         ch, groups = config.block_out_channels[::-1], config.norm_num_groups
         self.conv_in = nn.Conv2d(config.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], groups)
+        self.mid_block = MidBlock(ch[0], groups, mid_layers, resnet)
         self.up_blocks = nn.ModuleList(
             [
-                UpBlock(ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, groups, upsample=i < len(ch) - 1)
+                UpBlock(
+                    ch[max(i - 1, 0)], ch[i], config.layers_per_block + 1, groups, upsample=i < len(ch) - 1,
+                    resnet=resnet,
+                )
                 for i in range(len(ch))
             ]
         )
         self.conv_norm_out = nn.GroupNorm(groups, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], config.out_channels, 3, padding=1)
 
-    def forward(self, z: Tensor) -> Tensor:
-        x = self.mid_block(self.conv_in(z))
+    def forward(self, z: Tensor, *context: object) -> Tensor:
+        x = self.mid_block(self.conv_in(z), *context)
         for block in self.up_blocks:
-            x = block(x)
+            x = block(x, *context)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+def posterior(moments: Tensor) -> tuple[Tensor, Tensor]:
+    """Encoder moments `b 2*latent h w` -> (mean, logvar), logvar clamped to [-30, 20]."""
+    mean, logvar = moments.chunk(2, dim=1)
+    return mean, logvar.clamp(-30.0, 20.0)
 
 
 class AutoencoderKL(nn.Module):
@@ -255,8 +293,7 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Images `b c h w` in [-1, 1] -> posterior (mean, logvar), each `b latent h/k w/k`."""
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
+        return posterior(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: Tensor) -> Tensor:
         """Unscaled latents `b latent h w` -> images `b c h*k w*k`, roughly in [-1, 1]."""
@@ -276,25 +313,28 @@ def is_ldm_layout(state_dict: Mapping[str, Tensor]) -> bool:
     return any(_LDM_KEY.match(k) for k in state_dict)
 
 
-def _resnet_part(rest: str) -> str:
+def resnet_part(rest: str) -> str:
+    """LDM resnet parameter name (`nin_shortcut.weight`, ...) -> diffusers (`conv_shortcut.weight`, ...)."""
     head, _, tail = rest.partition(".")
     return f"{_RESNET_PARTS.get(head, head)}.{tail}"
 
 
-def _ldm_key_to_diffusers(key: str, num_up: int) -> str:
+def ldm_key_to_diffusers(key: str, num_up: int, resnet: Callable[[str], str] = resnet_part) -> str:
+    """One LDM-layout key -> its diffusers name; `num_up` is the decoder's level count and `resnet`
+    renames what follows a resnet's prefix (the temporal VAE maps its time stacks there)."""
     if m := re.match(r"^(encoder|decoder)\.norm_out\.(.+)$", key):
         return f"{m[1]}.conv_norm_out.{m[2]}"
     if m := re.match(r"^encoder\.down\.(\d+)\.block\.(\d+)\.(.+)$", key):
-        return f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_resnet_part(m[3])}"
+        return f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{resnet(m[3])}"
     if m := re.match(r"^encoder\.down\.(\d+)\.downsample\.conv\.(.+)$", key):
         return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
     # LDM numbers decoder levels from the highest resolution, diffusers in execution order
     if m := re.match(r"^decoder\.up\.(\d+)\.block\.(\d+)\.(.+)$", key):
-        return f"decoder.up_blocks.{num_up - 1 - int(m[1])}.resnets.{m[2]}.{_resnet_part(m[3])}"
+        return f"decoder.up_blocks.{num_up - 1 - int(m[1])}.resnets.{m[2]}.{resnet(m[3])}"
     if m := re.match(r"^decoder\.up\.(\d+)\.upsample\.conv\.(.+)$", key):
         return f"decoder.up_blocks.{num_up - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"
     if m := re.match(r"^(encoder|decoder)\.mid\.block_(\d+)\.(.+)$", key):
-        return f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_resnet_part(m[3])}"
+        return f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{resnet(m[3])}"
     if m := re.match(r"^(encoder|decoder)\.mid\.attn_1\.(\w+)\.(.+)$", key):
         return f"{m[1]}.mid_block.attentions.0.{_LDM_ATTN_PARTS.get(m[2], m[2])}.{m[3]}"
     return key
@@ -324,7 +364,7 @@ def convert_vae_state_dict(state_dict: Mapping[str, object]) -> StateDict:
     if is_ldm_layout(sd):
         ups = {int(m[1]) for k in sd if (m := re.match(r"^decoder\.up\.(\d+)\.", k))}
         num_up = max(ups) + 1 if ups else 0
-        sd = {_ldm_key_to_diffusers(k, num_up): v for k, v in sd.items()}
+        sd = {ldm_key_to_diffusers(k, num_up): v for k, v in sd.items()}
     out: StateDict = {}
     for key, value in sd.items():
         if m := re.match(r"^(.*\.mid_block\.attentions\.0)\.(\w+|to_out\.0)\.(weight|bias)$", key):
@@ -335,8 +375,9 @@ def convert_vae_state_dict(state_dict: Mapping[str, object]) -> StateDict:
     return out
 
 
-def _index_set(state_dict: Mapping[str, Tensor], pattern: str) -> set[int]:
-    return {int(m[1]) for k in state_dict if (m := re.match(pattern, k))}
+def index_set(keys: Iterable[str], pattern: str) -> set[int]:
+    """The integers that `pattern`'s first group reads from the keys it matches."""
+    return {int(m[1]) for k in keys if (m := re.match(pattern, k))}
 
 
 def infer_vae_config(state_dict: Mapping[str, Tensor], *, name: str = "state dict") -> VAEConfig:
@@ -346,8 +387,8 @@ def infer_vae_config(state_dict: Mapping[str, Tensor], *, name: str = "state dic
     scaling_factor is the SD 1.x value for 4 levels and the x4-upscaler value for 3.
     """
     try:
-        levels = sorted(_index_set(state_dict, r"^encoder\.down_blocks\.(\d+)\."))
-        layers = _index_set(state_dict, r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.")
+        levels = sorted(index_set(state_dict, r"^encoder\.down_blocks\.(\d+)\."))
+        layers = index_set(state_dict, r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.")
         if not levels or levels != list(range(len(levels))) or not layers:
             raise KeyError("encoder.down_blocks.0.resnets.0")
         channels = tuple(int(state_dict[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"].shape[0]) for i in levels)
@@ -434,7 +475,11 @@ def _read_source(
     return str(weights), _read_file(weights), config
 
 
-def _check_fit(model: AutoencoderKL, state_dict: StateDict, name: str) -> None:
+def check_fit(
+    model: nn.Module, state_dict: StateDict, name: str, *, what: str | None = None, layout: str | None = None
+) -> None:
+    """Raises a ValueError naming missing, unexpected and wrongly shaped tensors unless `state_dict`
+    fits `model` exactly; `what` names the model in the message, `layout` the key layout read."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -450,14 +495,15 @@ def _check_fit(model: AutoencoderKL, state_dict: StateDict, name: str) -> None:
         more = f", ... (+{len(items) - 5})" if len(items) > 5 else ""
         return ", ".join(items[:5]) + more
 
-    parts = [f"expected {len(expected)} tensors, got {len(state_dict)}"]
+    parts = [f"{layout + ' layout, ' if layout else ''}expected {len(expected)} tensors, got {len(state_dict)}"]
     if missing:
         parts.append(f"missing {len(missing)}: {first(missing)}")
     if unexpected:
         parts.append(f"unexpected {len(unexpected)}: {first(unexpected)}")
     if wrong:
         parts.append(f"wrong shape {len(wrong)}: {first(wrong)}")
-    raise ValueError(f"{name}: weights do not fit AutoencoderKL({model.config}): " + "; ".join(parts))
+    what = what or f"AutoencoderKL({model.config})"
+    raise ValueError(f"{name}: weights do not fit {what}: " + "; ".join(parts))
 
 
 def load_vae(
@@ -480,10 +526,25 @@ def load_vae(
     config = config or folder_config or infer_vae_config(sd, name=name)
     with torch.device("meta"):
         model = AutoencoderKL(config)
-    _check_fit(model, sd, name)
+    check_fit(model, sd, name)
     sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+@contextmanager
+def placed_on(module: nn.Module, device: torch.device | str | None) -> Iterator[torch.device]:
+    """Moves `module` (which has a `.device`) to `device` for the block and back afterwards; yields
+    the device the block runs on (the module's own when `device` is None)."""
+    home = module.device
+    target = torch.device(device) if device is not None else home
+    if target != home:
+        module.to(target)
+    try:
+        yield target
+    finally:
+        if target != home:
+            module.to(home)
 
 
 def encode_video(
@@ -544,28 +605,20 @@ def decode_video(
     b, _, f, _, _ = latents.shape
     flat = rearrange(latents, "b c f h w -> (b f) c h w")
     total = flat.shape[0]
-    home = vae.device
-    target = torch.device(device) if device is not None else home
-    if target != home:
-        vae.to(target)
     out: Tensor | None = None
-    try:
-        with torch.no_grad():
-            for start in range(0, total, chunk):
-                z = flat[start : start + chunk].to(target, torch.float32) / vae.config.scaling_factor
-                frames = vae.decode(z.to(vae.dtype)).to(out_device, torch.float32)
-                if out is None:
-                    shape = (b, frames.shape[1], f, *frames.shape[2:])
-                    out = torch.empty(shape, dtype=torch.float32, device=out_device)
-                for offset, frame in enumerate(frames):
-                    bi, fi = divmod(start + offset, f)
-                    out[bi, :, fi] = frame
-                del frames
-                if callback is not None:
-                    callback(min(start + chunk, total), total)
-    finally:
-        if target != home:
-            vae.to(home)
+    with placed_on(vae, device) as target, torch.no_grad():
+        for start in range(0, total, chunk):
+            z = flat[start : start + chunk].to(target, torch.float32) / vae.config.scaling_factor
+            frames = vae.decode(z.to(vae.dtype)).to(out_device, torch.float32)
+            if out is None:
+                shape = (b, frames.shape[1], f, *frames.shape[2:])
+                out = torch.empty(shape, dtype=torch.float32, device=out_device)
+            for offset, frame in enumerate(frames):
+                bi, fi = divmod(start + offset, f)
+                out[bi, :, fi] = frame
+            del frames
+            if callback is not None:
+                callback(min(start + chunk, total), total)
     if out is None:
         raise ValueError("latents contain no frames")
     return out

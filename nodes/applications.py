@@ -31,31 +31,21 @@ from .models import (
     video_to_image,
     video_to_raw,
 )
-from .sampling import MAX_SIZE, _common_inputs, _memory, _run_stage, _schedule_kwargs, _size_error
+from .common import (
+    CATEGORY,
+    base_model_inputs,
+    common_inputs,
+    dtype_device_inputs,
+    memory,
+    raise_if_invalid,
+    run_stage,
+    size_check,
+    size_inputs,
+    stage_kwargs,
+)
 
-CATEGORY = "LaVie"
 NONE = "none"
 LORA_DIR = "loras"
-_DTYPE_TIP = ("Weight precision. auto: the host's choice for this device (fp16 or bf16 on GPUs that "
-              "support it), fp32 on the CPU.")
-_DEVICE_TIP = ("Where the model runs. auto: ComfyUI's device, with weights offloaded between runs like "
-               "ComfyUI's own models; cpu: always on the CPU.")
-_SIZE_TIPS = {
-    "width": "Frame width in pixels, a multiple of 8; the model was trained at 512.",
-    "height": "Frame height in pixels, a multiple of 8; the model was trained at 320.",
-}
-
-
-def _size_inputs() -> dict:
-    return {
-        "width": ("INT", {"default": 512, "min": 8, "max": MAX_SIZE, "step": 8, "tooltip": _SIZE_TIPS["width"]}),
-        "height": ("INT", {"default": 320, "min": 8, "max": MAX_SIZE, "step": 8, "tooltip": _SIZE_TIPS["height"]}),
-    }
-
-
-def _size_check(width: Any, height: Any) -> bool | str:
-    errors = [e for e in (_size_error("width", width), _size_error("height", height)) if e]
-    return "; ".join(errors) if errors else True
 
 
 # ----------------------------------------------------------------------------- LoRA
@@ -163,9 +153,7 @@ class LaVieExtendVideo:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": ("LAVIE_UNET", {"tooltip": "The LaVie base UNet (LaVie Loader with lavie_base)."}),
-                "positive": ("CONDITIONING", {"tooltip": "Prompt to follow (LaVie Text Encode with the SD v1 CLIP)."}),
-                "negative": ("CONDITIONING", {"tooltip": "Prompt to steer away from; the official base uses an empty prompt."}),
+                **base_model_inputs(),
                 "total_frames": ("INT", {"default": 64, "min": 2, "max": 4096, "tooltip": (
                     "Frames of the whole video, including a connected latent's frames.")}),
                 "clip_frames": ("INT", {"default": 16, "min": 2, "max": 256, "tooltip": (
@@ -179,8 +167,8 @@ class LaVieExtendVideo:
                 "uncond_guidance": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 5.0, "step": 0.05, "tooltip": (
                     "LVDM's unconditional guidance w: (1 + w) x (clip with the carried frames) - w x (new frames "
                     "alone), to keep new clips tied to the video. LVDM used 0.1; 0 saves a pass per step.")}),
-                **_size_inputs(),
-                **_common_inputs(7.5, "ddpm", "ddpm: lavie_ddpm, ddim: lavie_ddim, euler: euler_discrete, others: karras"),
+                **size_inputs(),
+                **common_inputs(7.5, "ddpm", "ddpm: lavie_ddpm, ddim: lavie_ddim, euler: euler_discrete, others: karras"),
             },
             "optional": {
                 "latent": ("LATENT", {"tooltip": (
@@ -190,7 +178,7 @@ class LaVieExtendVideo:
 
     @classmethod
     def VALIDATE_INPUTS(cls, width: int, height: int, clip_frames: int, cond_frames: int) -> bool | str:
-        size = _size_check(width, height)
+        size = size_check(width, height)
         if size is not True:
             return size
         if clip_frames is not None and cond_frames is not None and int(cond_frames) >= int(clip_frames):
@@ -201,9 +189,7 @@ class LaVieExtendVideo:
                cond_noise: int, uncond_guidance: float, width: int, height: int, steps: int, cfg: float,
                sampler_name: str, schedule: str, seed: int, latent: dict | None = None) -> tuple[dict]:
         node = "LaVie Extend Video"
-        error = self.VALIDATE_INPUTS(width, height, clip_frames, cond_frames)
-        if error is not True:
-            raise LaVieError(f"{node}: {error}")
+        raise_if_invalid(node, self.VALIDATE_INPUTS(width, height, clip_frames, cond_frames))
         model = require_kind(model, "base", node)
         context, uncond = contexts(positive, negative, model, node)
         initial = None
@@ -215,14 +201,13 @@ class LaVieExtendVideo:
             height, width = initial.shape[-2] * 8, initial.shape[-1] * 8
         start = initial.shape[2] if initial is not None else min(clip_frames, total_frames)
         clips = len(clip_plan(total_frames, clip_frames, cond_frames, start)) + (initial is None)
-        unet = model.load(_memory(model, clip_frames, height // 8, width // 8, cfg))
+        unet = model.load(memory(model, clip_frames, height // 8, width // 8, cfg))
         bar = bridge.progress(max(1, clips) * steps, latent_format="sd15", device=model.device)
-        latents = _run_stage(
+        latents = run_stage(
             node, extend_video, unet, context, uncond,
             total_frames=total_frames, clip_frames=clip_frames, cond_frames=cond_frames, cond_noise=cond_noise,
-            uncond_guidance=uncond_guidance, initial=initial, height=height, width=width, steps=steps, cfg=cfg,
-            sampler=sampler_name, seed=seed, device=model.device, callback=bar.on_step, on_call=bar.on_call,
-            **_schedule_kwargs(schedule),
+            uncond_guidance=uncond_guidance, initial=initial, height=height, width=width,
+            **stage_kwargs(model, bar, steps=steps, cfg=cfg, sampler_name=sampler_name, schedule=schedule, seed=seed),
         )
         return ({"samples": video_to_raw(latents, STAGE_SCALE["base"])},)
 
@@ -241,22 +226,20 @@ class LaVieSlidingWindowSampler:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "model": ("LAVIE_UNET", {"tooltip": "The LaVie base UNet (LaVie Loader with lavie_base)."}),
-            "positive": ("CONDITIONING", {"tooltip": "Prompt to follow (LaVie Text Encode with the SD v1 CLIP)."}),
-            "negative": ("CONDITIONING", {"tooltip": "Prompt to steer away from; the official base uses an empty prompt."}),
+            **base_model_inputs(),
             "frames": ("INT", {"default": 64, "min": 1, "max": 4096, "tooltip": "Frames of the whole video."}),
             "context_length": ("INT", {"default": 16, "min": 1, "max": 256, "tooltip": (
                 "Frames the UNet sees at once; the base model was trained on 16.")}),
             "context_overlap": ("INT", {"default": 4, "min": 0, "max": 255, "tooltip": (
                 "Frames shared by neighbouring windows, blended with smooth weights; more overlap, smoother "
                 "transitions, more UNet calls.")}),
-            **_size_inputs(),
-            **_common_inputs(7.5, "ddpm", "ddpm: lavie_ddpm, ddim: lavie_ddim, euler: euler_discrete, others: karras"),
+            **size_inputs(),
+            **common_inputs(7.5, "ddpm", "ddpm: lavie_ddpm, ddim: lavie_ddim, euler: euler_discrete, others: karras"),
         }}
 
     @classmethod
     def VALIDATE_INPUTS(cls, width: int, height: int, context_length: int, context_overlap: int) -> bool | str:
-        size = _size_check(width, height)
+        size = size_check(width, height)
         if size is not True:
             return size
         if context_length is not None and context_overlap is not None and int(context_overlap) >= int(context_length):
@@ -267,18 +250,16 @@ class LaVieSlidingWindowSampler:
                width: int, height: int, steps: int, cfg: float, sampler_name: str, schedule: str,
                seed: int) -> tuple[dict]:
         node = "LaVie Sliding Window Sampler"
-        error = self.VALIDATE_INPUTS(width, height, context_length, context_overlap)
-        if error is not True:
-            raise LaVieError(f"{node}: {error}")
+        raise_if_invalid(node, self.VALIDATE_INPUTS(width, height, context_length, context_overlap))
         model = require_kind(model, "base", node)
         context, uncond = contexts(positive, negative, model, node)
-        unet = model.load(_memory(model, min(context_length, frames), height // 8, width // 8, cfg))
+        unet = model.load(memory(model, min(context_length, frames), height // 8, width // 8, cfg))
         bar = bridge.progress(steps, latent_format="sd15", device=model.device)
-        latents = _run_stage(
+        latents = run_stage(
             node, sliding_window_video, unet, context, uncond,
             frames=frames, context_length=context_length, context_overlap=context_overlap, height=height,
-            width=width, steps=steps, cfg=cfg, sampler=sampler_name, seed=seed, device=model.device,
-            latent_device="cpu", callback=bar.on_step, on_call=bar.on_call, **_schedule_kwargs(schedule),
+            width=width, latent_device="cpu",
+            **stage_kwargs(model, bar, steps=steps, cfg=cfg, sampler_name=sampler_name, schedule=schedule, seed=seed),
         )
         return ({"samples": video_to_raw(latents, STAGE_SCALE["base"])},)
 
@@ -406,8 +387,7 @@ class LaVieTemporalVAELoader:
                 "smoothing_sigma": ("FLOAT", {"default": 0.1, "min": 0.01, "max": 1.0, "step": 0.01, "tooltip": (
                     "2-D VAE only: pixel difference (on a -1..1 scale) above which a neighbour counts as motion "
                     "and is not averaged in.")}),
-                "dtype": (list(bridge.DTYPE_CHOICES), {"default": "auto", "tooltip": _DTYPE_TIP}),
-                "device": (list(bridge.DEVICE_CHOICES), {"default": "auto", "tooltip": _DEVICE_TIP}),
+                **dtype_device_inputs(),
             },
             "optional": {
                 "vae": ("VAE", {"tooltip": (
@@ -428,9 +408,7 @@ class LaVieTemporalVAELoader:
     def load(self, vae_name: str, chunk: int, overlap: int, smoothing: float, smoothing_sigma: float,
              dtype: str = "auto", device: str = "auto", vae: Any = None) -> tuple[LaVieVideoVAE]:
         node = "LaVie Temporal VAE Loader"
-        error = self.VALIDATE_INPUTS(vae_name, chunk, overlap)
-        if error is not True:
-            raise LaVieError(f"{node}: {error}")
+        raise_if_invalid(node, self.VALIDATE_INPUTS(vae_name, chunk, overlap))
         overlap = min(overlap, chunk - 1) if chunk > 1 else 0
         settings = dict(chunk=chunk, overlap=overlap, smooth=smoothing, sigma=smoothing_sigma)
         if vae_name == NONE:

@@ -22,13 +22,9 @@ from .defaults import (
     VAE_X8_DIR,
     VAE_X8_FILE,
 )
+from .common import CATEGORY, dtype_device_inputs
 from .models import LaVieCLIP, LaVieError, LaVieModel, LaVieVAE, kind_name
 
-CATEGORY = "LaVie"
-_DTYPE_TIP = ("Weight precision. auto: the host's choice for this device (fp16 or bf16 on GPUs that "
-              "support it), fp32 on the CPU.")
-_DEVICE_TIP = ("Where the model runs. auto: ComfyUI's device, with weights offloaded between runs like "
-               "ComfyUI's own models; cpu: always on the CPU.")
 # Parts of a diffusers or components folder that are not LaVie UNets; kept out of the UNet list.
 _COMPONENT_PARTS = {"text_encoder", "tokenizer", "vae", "vae_x4", "loras", "unet", "scheduler", "low_res_scheduler",
                     "safety_checker", "feature_extractor"}
@@ -80,8 +76,7 @@ class LaVieLoader:
             "ckpt_name": (files, {"default": default, "tooltip": (
                 "LaVie checkpoint from models/lavie/ (.safetensors, .pt, .pth or .ckpt): lavie_base, "
                 "lavie_interpolation or lavie_vsr, or the bundled lavie-tiny/*.safetensors.")}),
-            "dtype": (list(bridge.DTYPE_CHOICES), {"default": "auto", "tooltip": _DTYPE_TIP}),
-            "device": (list(bridge.DEVICE_CHOICES), {"default": "auto", "tooltip": _DEVICE_TIP}),
+            **dtype_device_inputs(),
         }}
 
     @classmethod
@@ -173,8 +168,7 @@ class LaVieComponentsLoader:
             "vae": (["x8", "x4"], {"default": "x8", "tooltip": (
                 "Which VAE to load: x8 (Stable Diffusion VAE; base and interpolation stages) or x4 (x4 "
                 "upscaler VAE; VSR stage).")}),
-            "dtype": (list(bridge.DTYPE_CHOICES), {"default": "auto", "tooltip": _DTYPE_TIP}),
-            "device": (list(bridge.DEVICE_CHOICES), {"default": "auto", "tooltip": _DEVICE_TIP}),
+            **dtype_device_inputs(),
         }}
 
     @classmethod

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from . import bridge
+from .common import CATEGORY
 from .models import LaVieError, decode_frames
 
-CATEGORY = "LaVie"
 PREVIEW_MAX_SIDE = 512
 # Codecs tried per container, best first. H.264 plays in every browser but the pip OpenCV wheels
 # usually lack an encoder for it; MPEG-4 part 2 always works but most browsers will not play it.

@@ -14,21 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import single_thread  # noqa: F401  (autouse: this module runs on one thread)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HOST_DIR = REPO_ROOT / ".hosts" / "comfyui"
 PACK_NAME = "ComfyUI-LaVie"
 SIZE, FRAMES, STEPS = 32, 3, 2
 
 pytestmark = pytest.mark.host
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models gain nothing from threads, and OpenMP spin-waits make them crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

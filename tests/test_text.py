@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from helpers import single_thread  # noqa: F401  (autouse: this module runs on one thread)
 from lavie_core.text import TextEncoder, load_text_encoder
 
 MERGES = [("a", "b"), ("ab", "c</w>"), ("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o</w>"), ("c", "a"), ("ca", "t</w>")]
@@ -46,15 +47,6 @@ def write_text_model(folder, vocab: dict[str, int]) -> None:
         pad_token_id=vocab["<|endoftext|>"],
     )
     CLIPTextModel(config).save_pretrained(folder)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """A tiny model gains nothing from threads, and OpenMP spin-waits make it crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

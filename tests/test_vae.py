@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import single_thread  # noqa: F401  (autouse: this module runs on one thread)
 from lavie_core.vae import (
     AutoencoderKL,
     VAEConfig,
@@ -17,15 +18,6 @@ from lavie_core.vae import (
 )
 
 LDM_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny convs gain nothing from threads, and OpenMP spin-waits make them crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def random_vae(config: VAEConfig, seed: int = 0) -> AutoencoderKL:

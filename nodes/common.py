@@ -1,0 +1,174 @@
+"""Pieces shared by the LaVie nodes: input definitions, input checks, and running a core stage.
+
+Input definitions are what saved workflows refer to: a node that spreads ``common_inputs(...)`` or
+``size_inputs()`` into its ``INPUT_TYPES`` gets the same names, defaults and ranges as every other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lavie_core import pipeline
+from lavie_core.samplers import SAMPLERS
+from lavie_core.schedules import SCHEDULES
+
+from . import bridge
+from .models import LaVieError, LaVieModel
+
+__all__ = [
+    "CATEGORY",
+    "MAX_SEED",
+    "MAX_SIZE",
+    "AUTO",
+    "SAMPLER_NAMES",
+    "SCHEDULE_NAMES",
+    "DTYPE_TIP",
+    "DEVICE_TIP",
+    "dtype_device_inputs",
+    "base_model_inputs",
+    "size_inputs",
+    "common_inputs",
+    "schedule_kwargs",
+    "size_error",
+    "size_check",
+    "overlap_error",
+    "raise_if_invalid",
+    "run_stage",
+    "memory",
+    "stage_kwargs",
+]
+
+CATEGORY = "LaVie"
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+MAX_SIZE = 8192
+AUTO = "auto"
+SAMPLER_NAMES = list(SAMPLERS)
+SCHEDULE_NAMES = [AUTO, *SCHEDULES]
+
+DTYPE_TIP = ("Weight precision. auto: the host's choice for this device (fp16 or bf16 on GPUs that "
+             "support it), fp32 on the CPU.")
+DEVICE_TIP = ("Where the model runs. auto: ComfyUI's device, with weights offloaded between runs like "
+              "ComfyUI's own models; cpu: always on the CPU.")
+_SCHEDULE_TIP = ("Sigma grid. auto: the official one for this stage and sampler ({}); karras or "
+                 "euler_discrete trade fidelity to the paper for fewer steps.")
+_SIZE_TIPS = {
+    "width": "Frame width in pixels, a multiple of 8; the model was trained at 512.",
+    "height": "Frame height in pixels, a multiple of 8; the model was trained at 320.",
+}
+
+
+# ----------------------------------------------------------------------------- input definitions
+def dtype_device_inputs() -> dict:
+    """The ``dtype`` and ``device`` choices of the loader nodes."""
+    return {
+        "dtype": (list(bridge.DTYPE_CHOICES), {"default": "auto", "tooltip": DTYPE_TIP}),
+        "device": (list(bridge.DEVICE_CHOICES), {"default": "auto", "tooltip": DEVICE_TIP}),
+    }
+
+
+def base_model_inputs() -> dict:
+    """``model``, ``positive`` and ``negative`` of the nodes that run the base UNet."""
+    return {
+        "model": ("LAVIE_UNET", {"tooltip": "The LaVie base UNet (LaVie Loader with lavie_base)."}),
+        "positive": ("CONDITIONING", {"tooltip": "Prompt to follow (LaVie Text Encode with the SD v1 CLIP)."}),
+        "negative": ("CONDITIONING", {"tooltip": "Prompt to steer away from; the official base uses an empty prompt."}),
+    }
+
+
+def size_inputs() -> dict:
+    """``width`` and ``height`` in pixels, multiples of 8."""
+    return {
+        "width": ("INT", {"default": 512, "min": 8, "max": MAX_SIZE, "step": 8, "tooltip": _SIZE_TIPS["width"]}),
+        "height": ("INT", {"default": 320, "min": 8, "max": MAX_SIZE, "step": 8, "tooltip": _SIZE_TIPS["height"]}),
+    }
+
+
+def common_inputs(cfg: float, sampler: str, official_schedule: str) -> dict:
+    """``steps``, ``cfg``, ``sampler_name``, ``schedule`` and ``seed`` with a stage's official defaults."""
+    return {
+        "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": (
+            "Sampler steps (network evaluations per step depend on the sampler; 50 is the official setting).")}),
+        "cfg": ("FLOAT", {"default": cfg, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip": (
+            f"Classifier-free guidance scale; {cfg} is the official value for this stage. 1 skips the negative pass.")}),
+        "sampler_name": (SAMPLER_NAMES, {"default": sampler, "tooltip": (
+            f"Sampler. {sampler} is the official one for this stage.")}),
+        "schedule": (SCHEDULE_NAMES, {"default": AUTO, "tooltip": _SCHEDULE_TIP.format(official_schedule)}),
+        "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "tooltip": (
+            "Seed of this stage's noise; the same seed gives the same video on any device.")}),
+    }
+
+
+def schedule_kwargs(schedule: str) -> dict[str, Any]:
+    """The core stage's ``schedule`` argument for a node's ``schedule`` input."""
+    # auto leaves the stage's own default in force, so the official pairing lives in the core only.
+    return {} if schedule == AUTO else {"schedule": schedule}
+
+
+# ----------------------------------------------------------------------------- input checks
+def size_error(name: str, value: Any) -> str | None:
+    """Why ``value`` is not a usable frame width / height, or None (also for linked inputs, None)."""
+    if value is None:  # linked from another node: only known at run time
+        return None
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        return f"{name} must be an integer, got {value!r}"
+    if value < 8 or value > MAX_SIZE:
+        return f"{name} {value} is outside 8..{MAX_SIZE}"
+    if value % 8:
+        lower, upper = value // 8 * 8, value // 8 * 8 + 8
+        return (f"{name} {value} is not a multiple of 8 (the VAE works on 8x8 pixel blocks); "
+                f"use {max(lower, 8)} or {upper}")
+    return None
+
+
+def size_check(width: Any, height: Any) -> bool | str:
+    """``VALIDATE_INPUTS`` answer for a width / height pair: True, or the errors joined."""
+    errors = [e for e in (size_error("width", width), size_error("height", height)) if e]
+    return "; ".join(errors) if errors else True
+
+
+def overlap_error(size_name: str, size: Any, overlap_name: str, overlap: Any) -> str | None:
+    """Why a window size (0 = off) and its overlap do not fit together, or None."""
+    if size is None or overlap is None:
+        return None
+    size, overlap = int(size), int(overlap)
+    if size < 0 or overlap < 0:
+        return f"{size_name} and {overlap_name} must not be negative"
+    if size > 0 and overlap >= size:
+        return f"{overlap_name} ({overlap}) must be smaller than {size_name} ({size}), or set {size_name} to 0"
+    return None
+
+
+def raise_if_invalid(node: str, error: bool | str) -> None:
+    """Raises a LaVieError naming ``node`` unless ``error`` (a ``VALIDATE_INPUTS`` answer) is True."""
+    if error is not True:
+        raise LaVieError(f"{node}: {error}")
+
+
+# ----------------------------------------------------------------------------- running a stage
+def run_stage(node: str, fn: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``fn(*args, **kwargs)``, its ValueErrors turned into LaVieErrors naming ``node``."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        raise LaVieError(f"{node}: {e}") from None
+
+
+def memory(model: LaVieModel, frames: int, h: int, w: int, cfg: float) -> int:
+    """Estimated activation bytes of one UNet call on ``frames`` latent frames of ``h x w`` (0 if unknown)."""
+    try:
+        unet = model.unet
+        return pipeline.estimate_unet_memory(unet.config, max(1, frames), max(1, h), max(1, w),
+                                             batch=1 if cfg == 1.0 else 2, dtype=unet.dtype)
+    except Exception:  # an estimate only steers offloading; never fail a run on it
+        return 0
+
+
+def stage_kwargs(model: LaVieModel, bar: bridge.Progress, *, steps: int, cfg: float, sampler_name: str,
+                 schedule: str, seed: int) -> dict[str, Any]:
+    """The sampling, device and progress arguments every core stage takes, from the common node inputs."""
+    return dict(steps=steps, cfg=cfg, sampler=sampler_name, seed=seed, device=model.device,
+                callback=bar.on_step, on_call=bar.on_call, **schedule_kwargs(schedule))
