@@ -141,9 +141,16 @@ function ensurePlayer(node) {
     if (widget) {
         widget.serializeValue = () => undefined;
         widget.computeSize = function (width) {
-            if (video.style.display === "none") return [width, note.style.display === "none" ? -4 : 20];
-            const ratio = video.videoWidth ? video.videoHeight / video.videoWidth : 0.625;
-            return [width, Math.max(60, width * ratio + 8)];
+            const w = Number.isFinite(width) ? width : node.size?.[0] ?? 200;
+            let h;
+            if (video.style.display === "none") {
+                h = note.style.display === "none" ? -4 : 48;
+            } else {
+                const ratio = video.videoWidth ? video.videoHeight / video.videoWidth : 0.625;
+                h = Math.max(60, (w - 20) * ratio + 28);
+            }
+            this.computedHeight = h;
+            return [w, h];
         };
     }
     video.addEventListener("loadedmetadata", () => {
@@ -162,6 +169,12 @@ function ensurePlayer(node) {
         video.style.display = "none";
         note.textContent = "This browser cannot play the saved file's codec; the animated preview shows the video, and the file is in the output folder.";
         note.style.display = "";
+        try {
+            const size = node.computeSize?.();
+            node.setSize?.([node.size[0], Math.max(node.size[1], size ? size[1] : 0)]);
+        } catch (err) {
+            warn("player layout", err);
+        }
         node.setDirtyCanvas?.(true, true);
     });
     node.lavieVideo = { video, note, widget };

@@ -26,6 +26,29 @@ inputs_hash() {
 }
 want="$(inputs_hash)"
 
+# Chromium for the browser tests (tests/test_browser.py), from the distribution's packages only;
+# never a browser download. Without it those tests skip (and fail under CI=true).
+ensure_chromium() {
+    [[ -x /usr/bin/chromium ]] && return 0
+    if [[ "$(id -u)" != 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+        log "chromium is not installed and cannot be (needs root and apt-get): the browser tests will skip"
+        return 0
+    fi
+    log "installing chromium with apt-get"
+    local apt_log
+    apt_log="$(mktemp)"
+    if DEBIAN_FRONTEND=noninteractive apt-get update >"$apt_log" 2>&1 \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium >>"$apt_log" 2>&1 \
+        && [[ -x /usr/bin/chromium ]]; then
+        log "chromium installed"
+    else
+        log "warning: installing chromium failed; the browser tests will skip. apt-get output (tail):"
+        tail -n 20 "$apt_log" | sed 's/^/    /' >&2 || true
+    fi
+    rm -f "$apt_log"
+}
+ensure_chromium
+
 if [[ -x "$VPY" && -f "$STAMP" && "$(cat "$STAMP")" == "$want" && -f "$HOST/.host-version" ]]; then
     log "up to date (.venv and .hosts/comfyui)"
     exit 0
