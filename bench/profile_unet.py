@@ -1,4 +1,5 @@
-"""Where one UNet call spends its GPU time: torch.profiler table grouped by kernel and input shapes.
+"""Where one UNet call spends its GPU time: totals per kind of kernel (convolution, matmul, attention,
+compiled Triton kernels, other), then the torch.profiler table grouped by kernel and input shapes.
 
     python bench/profile_unet.py --stage vsr --frames 2 [--dtype fp16] [--compile] [--rows 30]
 """
@@ -13,6 +14,18 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import DTYPES, make_inputs, random_model, time_calls  # noqa: E402
+
+
+def kernel_kind(name: str) -> str:
+    """Coarse class of a CUDA kernel from its name (cuDNN, cuBLAS/nvjet, flash/cuDNN SDPA, Inductor)."""
+    n = name.lower()
+    if any(k in n for k in ("flash", "fmha", "attention")):
+        return "attention"
+    if any(k in n for k in ("fprop", "conv", "implicit", "dgrad")):
+        return "conv"
+    if any(k in n for k in ("gemm", "nvjet", "cutlass", "sm90_", "sm80_")):
+        return "matmul"
+    return "triton" if n.startswith("triton") else "other"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
             fn(x, t, ctx, noise)
             torch.cuda.synchronize()
+    kinds: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_time_total > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
+            kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + event.device_time_total / 1e3
+    print("GPU ms by kernel kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
     table = prof.key_averages(group_by_input_shape=True).table(
         sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=50, max_shapes_column_width=90
     )

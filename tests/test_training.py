@@ -15,7 +15,10 @@ from lavie_core.training.diffusion import add_noise, lavie_alphas_cumprod, low_r
 from lavie_core.training.spec import micro_cascade, tiny_cascade
 from lavie_core.training.stages import (
     FILES,
+    STAGES,
     Budget,
+    CaptionProbe,
+    eps_loss,
     fold_latent_scale,
     init_from_2d,
     interpolation_sources,
@@ -142,6 +145,16 @@ def test_velocity_and_noise_recover_x0():
     assert low_res_alphas_cumprod()[350] > table[350]  # scaled-linear is gentler than linear
 
 
+def test_eps_loss_weights_high_noise_samples_up_to_the_cap():
+    table = lavie_alphas_cumprod()
+    pred, noise = torch.zeros(2, 4, 1, 2, 2), torch.ones(2, 4, 1, 2, 2)
+    pred[1] = 1.0  # only the low-noise sample is right
+    t = torch.tensor([900, 10])
+    assert eps_loss(pred, noise, t, table, 0.0) == torch.nn.functional.mse_loss(pred, noise)
+    weighted = eps_loss(pred, noise, t, table, 20.0)
+    assert abs(float(weighted) - 20 / 21) < 1e-5  # weights 20 (capped) and 1 (floor)
+
+
 def test_interpolation_sources_follow_the_official_layout():
     assert interpolation_sources(16) == [(p + 1) // 4 for p in range(61)]
     assert interpolation_sources(16)[::4] == list(range(16))
@@ -196,13 +209,45 @@ def test_stages_write_loadable_files(trained):
 def test_freezing_spatial_layers_trains_only_temporal_ones(trained):
     spec = micro_cascade()
     train_temporal(spec, trained, Budget(steps=2, batch=2, lr=1e-2), torch.device("cpu"), out="frozen.safetensors",
-                   name="frozen", freeze_spatial=True)
+                   name="frozen", freeze_spatial=True, train_text=False)
     before, after = load_unet(trained / FILES["t2i"]), load_unet(trained / "frozen.safetensors")
     temporal = temporal_parameter_names(after)
     assert temporal and all(".attn_temp." in n or ".norm_temp." in n for n in temporal)
     a, b = dict(before.named_parameters()), dict(after.named_parameters())
     assert all(torch.equal(a[n], b[n]) for n in a if n not in temporal)
     assert any(not torch.equal(a[n], b[n]) for n in temporal)
+
+
+def test_video_stage_trains_its_own_copy_of_the_text_encoder(trained, tmp_path):
+    import shutil
+
+    work = tmp_path / "w"
+    shutil.copytree(trained, work)
+    snapshot = load_text_encoder(work / FILES["text_t2i"]).model.state_dict()
+    shared = load_text_encoder(work / FILES["text"]).model.state_dict()
+    STAGES["temporal_video_only"](micro_cascade(), work, Budget(steps=2, batch=2, lr=1e-2, pool=1), torch.device("cpu"), 0)
+    own = load_text_encoder(work / "ablation" / "text_encoder_video_only").model.state_dict()
+    assert any(not torch.equal(snapshot[k], own[k]) for k in snapshot)
+    for folder, before in ((FILES["text_t2i"], snapshot), (FILES["text"], shared)):  # never touched by an ablation
+        after = load_text_encoder(work / folder).model.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), folder
+    assert (work / "ablation" / "base_video_only.safetensors").is_file()
+
+
+def test_caption_probe_reads_attributes_and_ignores_dropped_captions():
+    combos = [world.Combo("red", "circle", "left", "blue"), world.Combo("white", "triangle", "down", "gray")]
+    labels = CaptionProbe.labels(combos, [True, False])
+    assert labels[0].tolist() == [0, 0, 0, 2] and labels[1].tolist() == [-100] * 4
+    probe = CaptionProbe(8)
+    states = torch.randn(2, 5, 8)
+    assert probe(states, CaptionProbe.labels(combos, [False, False])) == 0  # nothing to read
+    opt = torch.optim.Adam(probe.parameters(), lr=0.1)
+    first = probe(states, labels).item()
+    for _ in range(20):
+        opt.zero_grad()
+        probe(states, labels).backward()
+        opt.step()
+    assert probe(states, labels).item() < 0.1 * first
 
 
 def test_interpolation_model_starts_from_the_2d_weights():
