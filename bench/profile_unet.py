@@ -19,13 +19,15 @@ from speed import DTYPES, make_inputs, random_model, time_calls  # noqa: E402
 def kernel_kind(name: str) -> str:
     """Coarse class of a CUDA kernel from its name (cuDNN, cuBLAS/nvjet, flash/cuDNN SDPA, Inductor)."""
     n = name.lower()
+    if n.startswith("triton"):  # Inductor names fused kernels after their ops, "convolution" included
+        return "triton"
     if any(k in n for k in ("flash", "fmha", "attention")):
         return "attention"
     if any(k in n for k in ("fprop", "conv", "implicit", "dgrad")):
         return "conv"
     if any(k in n for k in ("gemm", "nvjet", "cutlass", "sm90_", "sm80_")):
         return "matmul"
-    return "triton" if n.startswith("triton") else "other"
+    return "other"
 
 
 def main(argv: list[str] | None = None) -> int:
