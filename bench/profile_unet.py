@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds: dict[str, float] = {}
     for event in prof.key_averages():
         if event.device_time_total > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
-            kinds[kernel_kind(event.key)] = kinds.get(kernel_kind(event.key), 0.0) + event.device_time_total / 1e3
+            kind = kernel_kind(event.key)
+            kinds[kind] = kinds.get(kind, 0.0) + event.device_time_total / 1e3
     print("GPU ms by kernel kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
     table = prof.key_averages(group_by_input_shape=True).table(
         sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=50, max_shapes_column_width=90

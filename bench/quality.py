@@ -315,7 +315,7 @@ def section_ablation(b: Bundle, args) -> dict:
         sets = {}
         for split, combos in prompt_sets(args).items():
             combos = combos * args.seeds
-            images = torch.cat([generate(unet, text, b.vae, combos, args, seed=7, frames=1)])
+            images = generate(unet, text, b.vae, combos, args, seed=7, frames=1)
             rates = adherence(images, combos)
             sets[split] = {k: rates[k] for k in ("colour", "shape", "background")}
         res[name] = sets

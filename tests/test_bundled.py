@@ -11,17 +11,10 @@ from lavie_core.text import load_text_encoder
 from lavie_core.training import world
 from lavie_core.vae import decode_video, load_vae
 
+from helpers import single_thread  # noqa: F401  (autouse: this module runs on one thread)
+
 BUNDLE = Path(__file__).resolve().parent.parent / "bundled" / "lavie-tiny"
 UNETS = {"base": "base.safetensors", "interpolation": "interpolation.safetensors", "vsr": "vsr.safetensors"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny networks gain nothing from threads, and OpenMP spin-waits make them crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -32,16 +32,9 @@ from lavie_core.training.stages import (
 from lavie_core.training.text import WORLD_WORDS, write_tokenizer
 from lavie_core.vae import AutoencoderKL, VAEConfig, load_vae
 
+from helpers import single_thread  # noqa: F401  (autouse: this module runs on one thread)
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny networks gain nothing from threads, and OpenMP spin-waits make them crawl on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------

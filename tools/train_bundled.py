@@ -159,14 +159,19 @@ def pack(work: Path, out: Path) -> None:
             put(name, write)
 
 
-def unpack(source: Path, work: Path) -> None:
-    """Inverse of `pack`, also accepting a plain bundle folder (files and the text_encoder folder)."""
-    work.mkdir(parents=True, exist_ok=True)
+def copy_bundle(source: Path, out: Path) -> None:
+    """The bundle's files that `source` has (the five weight files and the text encoder folder) into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
     for key in PACK_FILES:
         if (source / FILES[key]).is_file():
-            shutil.copyfile(source / FILES[key], work / FILES[key])
+            shutil.copyfile(source / FILES[key], out / FILES[key])
     if (source / FILES["text"]).is_dir():
-        shutil.copytree(source / FILES["text"], work / FILES["text"], dirs_exist_ok=True)
+        shutil.copytree(source / FILES["text"], out / FILES["text"], dirs_exist_ok=True)
+
+
+def unpack(source: Path, work: Path) -> None:
+    """Inverse of `pack`, also accepting a plain bundle folder (files and the text_encoder folder)."""
+    copy_bundle(source, work)
     for name in PACK_TARS:
         if (source / name).is_file():
             with tarfile.open(source / name) as tar:
@@ -247,17 +252,7 @@ def finish(args: argparse.Namespace, work: Path, stages: list[str]) -> None:
     if args.pack:
         pack(work, Path(args.pack))
     if args.out:
-        export(work, Path(args.out))
-
-
-def export(work: Path, out: Path) -> None:
-    """The bundle folder: the five weight files and the text encoder folder."""
-    out.mkdir(parents=True, exist_ok=True)
-    for key in PACK_FILES:
-        if (work / FILES[key]).is_file():
-            shutil.copyfile(work / FILES[key], out / FILES[key])
-    if (work / FILES["text"]).is_dir():
-        shutil.copytree(work / FILES["text"], out / FILES["text"], dirs_exist_ok=True)
+        copy_bundle(work, Path(args.out))
 
 
 def main(argv: list[str] | None = None) -> int:

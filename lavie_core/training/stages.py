@@ -164,6 +164,17 @@ def eps_loss(pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, table: to
     return (weight * per_sample).mean() / weight.mean()
 
 
+def eps_objective(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor, table: torch.Tensor,
+                  budget: Budget, device: torch.device) -> torch.Tensor:
+    """The epsilon objective of every epsilon-prediction stage: `x0` noised at timesteps drawn from
+    `budget.t_min`..999, the noise predicted by `predict(x_t, t)` under autocast, scored by `eps_loss`."""
+    t = torch.randint(budget.t_min, len(table), (x0.shape[0],), device=x0.device)
+    noise = torch.randn_like(x0)
+    with _autocast(device):
+        pred = predict(add_noise(table, x0, noise, t), t)
+    return eps_loss(pred, noise, t, table, budget.eps_weight_cap)
+
+
 def train_loop(trainer: Trainer, unet: nn.Module, batches: Callable[[], dict], loss_fn: Callable[[nn.Module, dict], torch.Tensor]) -> None:
     """Step until the budget is spent; with `budget.compile`, the UNet runs compiled if a first step compiles."""
     net = unet
@@ -451,13 +462,9 @@ def train_t2i(spec: CascadeSpec, work: Path, budget: Budget, device: torch.devic
         return {"x0": encode_video(vae, video, chunk=b), "prompts": drop_text(scenes.captions, gen, (BASE_UNCOND,))}
 
     def loss_fn(net: nn.Module, batch: dict) -> torch.Tensor:
-        x0 = batch["x0"]
         with _autocast(device):
             context = prompts(batch["prompts"])
-            t = torch.randint(budget.t_min, len(table), (b,), device=device)
-            noise = torch.randn_like(x0)
-            pred = net(add_noise(table, x0, noise, t), t, context, image_frames=1)
-        return eps_loss(pred, noise, t, table, budget.eps_weight_cap)
+        return eps_objective(lambda x, t: net(x, t, context, image_frames=1), batch["x0"], table, budget, device)
 
     train_loop(trainer, unet, batches, loss_fn)
     return trainer.finish(work / "logs", train_text=train_text)
@@ -538,13 +545,9 @@ def train_temporal(spec: CascadeSpec, work: Path, budget: Budget, device: torch.
         return {"x0": x0, "prompts": captions, "labels": labels.to(device)}
 
     def loss_fn(net: nn.Module, batch: dict) -> torch.Tensor:
-        x0 = batch["x0"]
         with _autocast(device):
             context = prompts(batch["prompts"])
-            t = torch.randint(budget.t_min, len(table), (b,), device=device)
-            noise = torch.randn_like(x0)
-            pred = net(add_noise(table, x0, noise, t), t, context, image_frames=k)
-        loss = eps_loss(pred, noise, t, table, budget.eps_weight_cap)
+        loss = eps_objective(lambda x, t: net(x, t, context, image_frames=k), batch["x0"], table, budget, device)
         if probe is not None:
             loss = loss + budget.text_aux * probe(context, batch["labels"])
         return loss
@@ -600,10 +603,7 @@ def train_interpolation(spec: CascadeSpec, work: Path, budget: Budget, device: t
         x0 = batch["x0"]
         with _autocast(device):
             context = prompts(batch["prompts"])
-            t = torch.randint(budget.t_min, len(table), (b,), device=device)
-            noise = torch.randn_like(x0)
-            pred = net(torch.cat([add_noise(table, x0, noise, t), x0[:, :, keys]], dim=1), t, context)
-        return eps_loss(pred, noise, t, table, budget.eps_weight_cap)
+        return eps_objective(lambda x, t: net(torch.cat([x, x0[:, :, keys]], dim=1), t, context), x0, table, budget, device)
 
     train_loop(trainer, unet, batches, loss_fn)
     return trainer.finish(work / "logs")
