@@ -37,11 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--cfg-input", default="shared", choices=["shared", "doubled"])
     args = parser.parse_args(argv)
     torch.backends.cudnn.benchmark = True
     device = torch.device("cuda")
     model = random_model(args.stage, device).to(DTYPES[args.dtype])
-    x, t, ctx, noise = make_inputs(args.stage, device)
+    x, t, ctx, noise = make_inputs(args.stage, device, cfg_input=args.cfg_input)
     if args.frames:
         x = x[:, :, : args.frames]
     fn = torch.compile(model) if args.compile else model

@@ -1,18 +1,26 @@
 """Speed and memory of the three LaVie UNets on a CUDA GPU at the paper's sizes.
 
     python bench/speed.py [--dtype fp16|bf16] [--stages base,interpolation,vsr] [--iters 6] [--compile]
-    python bench/speed.py --cascade [--steps 50] [--cfg-mode split] [--budget-gib 12] [--compile]
+                          [--cfg-input shared|doubled]
+    python bench/speed.py --cascade [--steps 50] [--cfg-mode batched|split] [--vsr-chunk 4] [--budget-gib 12] [--compile]
+                          [--cascade-stages base,interpolation,vsr]
 
-Per stage: one UNet call with the classifier-free-guidance batch of 2, median of `--iters` timed calls
-(CUDA events) after warm-up; FLOPs counted with torch's FlopCounterMode; peak memory from
-torch.cuda.max_memory_allocated; numerics against the float32 path on the same inputs. Weights are
-random at a variance-preserving scale (timing does not depend on their values).
+Per stage: one UNet call that answers both halves of classifier-free guidance, median of `--iters`
+timed calls (CUDA events) after warm-up; FLOPs counted with torch's FlopCounterMode; peak memory from
+torch.cuda.max_memory_allocated; numerics against the float32 path on the same inputs, and how much
+of that error comes from rounding the weights alone (float32 compute on the rounded weights). Weights
+are random at a variance-preserving scale (timing does not depend on their values).
+
+`--cfg-input shared` (default; what the samplers do) passes the video once with both texts, so the
+layers before the first text attention run once; `doubled` passes the video twice, as the official
+code does.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -56,14 +64,17 @@ def random_model(kind: str, device: torch.device, seed: int = 0) -> LaVieUNet:
     return model.use_channels_last().eval().requires_grad_(False)
 
 
-def make_inputs(kind: str, device: torch.device, seed: int = 0):
+def make_inputs(kind: str, device: torch.device, seed: int = 0, cfg_input: str = "doubled"):
+    """Inputs of one guided call: two texts, and the video twice (`doubled`) or once (`shared`)."""
     s = STAGES[kind]
     cfg = UNetConfig.preset(kind)
     g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(2, cfg.in_channels, s["frames"], s["h"], s["w"], generator=g).to(device)
+    x = torch.randn(1, cfg.in_channels, s["frames"], s["h"], s["w"], generator=g).to(device)
     ctx = torch.randn(2, *s["ctx"], generator=g).to(device)
-    t = torch.tensor([500, 500], device=device)
-    noise = torch.tensor([50, 50], device=device) if kind == "vsr" else None
+    n = 2 if cfg_input == "doubled" else 1
+    x = x.repeat(n, 1, 1, 1, 1)
+    t = torch.full((n,), 500, device=device)
+    noise = torch.full((n,), 50, device=device) if kind == "vsr" else None
     return x, t, ctx, noise
 
 
@@ -91,15 +102,24 @@ def count_flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def bench_stage(kind: str, dtype: torch.dtype, iters: int, compile_model: bool, numerics: bool) -> dict:
+def bench_stage(
+    kind: str, dtype: torch.dtype, iters: int, compile_model: bool, numerics: bool, cfg_input: str = "shared"
+) -> dict:
     device = torch.device("cuda")
     model = random_model(kind, device)
-    x, t, ctx, noise = make_inputs(kind, device)
-    result: dict = {"stage": kind, "dtype": str(dtype).removeprefix("torch.")}
+    x, t, ctx, noise = make_inputs(kind, device, cfg_input=cfg_input)
+    result: dict = {"stage": kind, "dtype": str(dtype).removeprefix("torch."), "cfg_input": cfg_input}
     ref = None
     if numerics and dtype != torch.float32:
         with torch.no_grad():
             ref = model(x, t, ctx, noise).float()
+            # The part of the error that any `dtype` run has: float32 compute on weights rounded to dtype.
+            rounded = {k: v.to(dtype).float() for k, v in model.state_dict().items()}
+            original = {k: v.clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(rounded)
+            result["rel_l2_weights_rounded"] = ((model(x, t, ctx, noise).float() - ref).norm() / ref.norm()).item()
+            model.load_state_dict(original)
+            del rounded, original
     model = model.to(dtype)
     call_model = torch.compile(model) if compile_model else model
 
@@ -119,10 +139,10 @@ def bench_stage(kind: str, dtype: torch.dtype, iters: int, compile_model: bool, 
     result["ms_all"] = [round(v, 2) for v in times]
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     result["weights_gib"] = base_mem / 2**30
-    if not compile_model:
-        flops = count_flops(call)
-        result["tflop_per_call"] = flops / 1e12
-        result["achieved_tflops"] = flops / 1e12 / (result["ms_per_call"] / 1e3)
+    with torch.no_grad():
+        flops = count_flops(lambda: model(x, t, ctx, noise))  # eager: the counter does not see compiled graphs
+    result["tflop_per_call"] = flops / 1e12
+    result["achieved_tflops"] = flops / 1e12 / (result["ms_per_call"] / 1e3)
     result["official_ms"] = OFFICIAL_MS[kind]
     result["speedup_vs_official"] = OFFICIAL_MS[kind] / result["ms_per_call"]
     del model, call_model
@@ -131,12 +151,22 @@ def bench_stage(kind: str, dtype: torch.dtype, iters: int, compile_model: bool, 
 
 
 def bench_cascade(
-    dtype: torch.dtype, steps: int, compile_model: bool, cfg_mode: str, budget_gib: float, vsr_chunk: int = 8
+    dtype: torch.dtype,
+    steps: int,
+    compile_model: bool,
+    cfg_mode: str,
+    budget_gib: float,
+    vsr_chunk: int = 8,
+    stages: tuple[str, ...] = ("base", "interpolation", "vsr"),
 ) -> dict:
     """The whole cascade at the paper's sizes: 16 frames 320x512 -> 61 frames -> 61 frames 1280x2048.
 
+    `cascade_s` sums the three stages' sampling time; with `compile_model` each stage first runs one
+    step to compile (`<stage>_compile_s`, included in `wall_s`).
+
     Each stage's model is on the GPU only while it runs (the others wait in CPU memory), as the nodes
-    do. VSR runs on `vsr_chunk`-frame chunks of the 61 frames without overlap (8 in the official code;
+    do. Stages left out of `stages` are skipped and the next one gets random latents of the right
+    shape (the timing does not depend on their content). VSR runs on `vsr_chunk`-frame chunks of the 61 frames without overlap (8 in the official code;
     fewer frames per chunk lower the peak at the same FLOPs).
     """
     from lavie_core.pipeline import interpolate, text_to_video, upscale
@@ -146,17 +176,25 @@ def bench_cascade(
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total))
     report: dict = {"steps": steps, "dtype": str(dtype).removeprefix("torch."), "cfg_mode": cfg_mode,
                     "budget_gib": budget_gib, "compile": compile_model, "vsr_chunk": vsr_chunk}
-    models = {k: random_model(k, torch.device("cpu")).to(dtype) for k in ("base", "interpolation", "vsr")}
+    models = {k: random_model(k, torch.device("cpu")).to(dtype) for k in stages}
     text = {k: torch.randn(1, 77, 1024 if k == "vsr" else 768) for k in models}
 
     def run(kind, fn):
         model = models[kind].to(device)
         net = torch.compile(model) if compile_model else model
+        if compile_model:
+            # One step of the same stage compiles every shape it meets (VSR: the remainder chunk too), so the
+            # timed run below is warm; the compile time is reported on its own.
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn(net, 1)
+            torch.cuda.synchronize()
+            report[f"{kind}_compile_s"] = time.perf_counter() - t0
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = fn(net)
+            out = fn(net, steps)
         torch.cuda.synchronize()
         report[f"{kind}_s"] = time.perf_counter() - t0
         report[f"{kind}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -166,19 +204,26 @@ def bench_cascade(
         return out
 
     t_start = time.perf_counter()
-    base = run("base", lambda net: text_to_video(net, text["base"], text["base"], steps=steps, cfg_mode=cfg_mode))
-    frames = run(
-        "interpolation",
-        lambda net: interpolate(net, base, text["interpolation"], text["interpolation"], steps=steps, cfg_mode=cfg_mode),
-    )
+    base = torch.randn(1, 4, 16, 40, 64)
+    if "base" in stages:
+        base = run("base", lambda net, n: text_to_video(net, text["base"], text["base"], steps=n, cfg_mode=cfg_mode))
+    frames = torch.randn(1, 4, 4 * base.shape[2] - 3, 40, 64)
+    if "interpolation" in stages:
+        frames = run(
+            "interpolation",
+            lambda net, n: interpolate(net, base, text["interpolation"], text["interpolation"], steps=n, cfg_mode=cfg_mode),
+        )
     # VSR is conditioned on the decoded low-res video; its content does not change the timing.
     low_res = torch.rand(1, 3, frames.shape[2], 320, 512) * 2 - 1
-    run(
-        "vsr",
-        lambda net: upscale(net, low_res, text["vsr"], text["vsr"], steps=steps, chunk_frames=vsr_chunk, chunk_overlap=0,
-                            cfg_mode=cfg_mode, latent_device="cuda"),
-    )
-    report["cascade_s"] = time.perf_counter() - t_start
+    if "vsr" in stages:
+        run(
+            "vsr",
+            lambda net, n: upscale(net, low_res, text["vsr"], text["vsr"], steps=n, chunk_frames=vsr_chunk,
+                                   chunk_overlap=0, cfg_mode=cfg_mode, latent_device="cuda"),
+        )
+    report["wall_s"] = time.perf_counter() - t_start
+    report["cascade_s"] = sum(report[f"{k}_s"] for k in models)
+    report["stages"] = list(stages)
     report["peak_gib"] = max(report[f"{k}_peak_gib"] for k in models)
     return report
 
@@ -190,13 +235,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--no-numerics", action="store_true", help="skip the float32 comparison")
+    parser.add_argument("--cfg-input", default="shared", choices=["shared", "doubled"],
+                        help="video once with both texts (as the samplers call it) or twice (as the official code)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--cascade", action="store_true", help="time the whole cascade instead of single calls")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps per stage (--cascade)")
-    parser.add_argument("--cfg-mode", default="split", choices=["batched", "split"], help="(--cascade)")
+    parser.add_argument("--cfg-mode", default="batched", choices=["batched", "split"], help="(--cascade)")
     parser.add_argument("--budget-gib", type=float, default=12.0, help="GPU memory cap (--cascade)")
     parser.add_argument("--vsr-chunk", type=int, default=8, help="VSR frames per chunk (--cascade)")
+    parser.add_argument("--cascade-stages", default="base,interpolation,vsr",
+                        help="stages of the cascade to run (--cascade); skipped ones hand on random latents")
     args = parser.parse_args(argv)
+    # Under a memory cap, fragmentation of fixed-size segments decides whether a chunk fits (VSR chunk 4 at
+    # 12 GiB: 9.2 GiB allocated, 2 GiB reserved but unusable); growable segments avoid that.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if not torch.cuda.is_available():
         print("bench/speed.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -206,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} dtype {args.dtype}")
     if args.cascade:
         report = bench_cascade(
-            DTYPES[args.dtype], args.steps, args.compile, args.cfg_mode, args.budget_gib, args.vsr_chunk
+            DTYPES[args.dtype], args.steps, args.compile, args.cfg_mode, args.budget_gib, args.vsr_chunk,
+            tuple(args.cascade_stages.split(",")),
         )
         print(json.dumps(report))
         if args.json:
@@ -215,17 +268,20 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for kind in args.stages.split(","):
         t0 = time.time()
-        r = bench_stage(kind, DTYPES[args.dtype], args.iters, args.compile, not args.no_numerics)
+        r = bench_stage(kind, DTYPES[args.dtype], args.iters, args.compile, not args.no_numerics, args.cfg_input)
         r["bench_s"] = time.time() - t0
         results.append(r)
         print(json.dumps(r), flush=True)
-    print("\n| stage | ms/call | official ms | speed-up | TFLOP/call | TFLOP/s | peak GiB | rel L2 vs fp32 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n({args.cfg_input} CFG input)")
+    print("| stage | ms/call | official ms | speed-up | TFLOP/call | TFLOP/s | peak GiB | rel L2 vs fp32 | "
+          "of which weight rounding |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for r in results:
         print(
             f"| {r['stage']} | {r['ms_per_call']:.1f} | {r['official_ms']} | {r['speedup_vs_official']:.2f}x | "
-            f"{r.get('tflop_per_call', float('nan')):.1f} | {r.get('achieved_tflops', float('nan')):.0f} | "
-            f"{r['peak_gib']:.1f} | {r.get('rel_l2_vs_fp32', float('nan')):.1e} |"
+            f"{r.get('tflop_per_call', nan):.1f} | {r.get('achieved_tflops', nan):.0f} | "
+            f"{r['peak_gib']:.1f} | {r.get('rel_l2_vs_fp32', nan):.1e} | {r.get('rel_l2_weights_rounded', nan):.1e} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

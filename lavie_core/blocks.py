@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from . import fused
+
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding, cosine half first (flip_sin_to_cos=True, no frequency shift)."""
@@ -206,12 +208,16 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("freqs", 1.0 / theta ** (torch.arange(0, dim, 2).float() / dim))
 
-    def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        """x: `n h f d`; rotation angle of frame p, pair i: p * freqs[i]."""
-        dim = 2 * self.freqs.shape[0]
-        positions = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)
+    def table(self, frames: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 `(cos, sin)`, each `f dim`: the angle of frame p on channels 2i and 2i+1 is p * freqs[i]."""
+        positions = torch.arange(frames, device=device, dtype=torch.float32)
         angles = torch.repeat_interleave(positions[:, None] * self.freqs.float()[None], 2, dim=-1)
-        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        return angles.cos(), angles.sin()
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """x: `n h f d`, rotated on its first `dim` channels by each frame's angles."""
+        dim = 2 * self.freqs.shape[0]
+        cos, sin = (t.to(x.dtype) for t in self.table(x.shape[-2], x.device))
         head, tail = x[..., :dim], x[..., dim:]
         pairs = rearrange(head, "... (d r) -> ... d r", r=2)
         rotated_half = rearrange(torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1), "... d r -> ... (d r)")
@@ -253,12 +259,16 @@ class TemporalAttention(Attention):
             self.time_rel_pos_bias = rel_pos
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        q, k, v = (split_heads(proj(x), self.heads) for proj in (self.to_q, self.to_k, self.to_v))
+        frames = x.shape[1]
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        bias = self.time_rel_pos_bias(frames, x.device) if hasattr(self, "time_rel_pos_bias") else None
+        if fused.available(x, frames):
+            rotary = self.rotary_emb.table(frames, x.device) if hasattr(self, "rotary_emb") else None
+            return self.to_out[0](fused.temporal_attention(q, k, v, self.heads, rotary=rotary, bias=bias))
+        q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
         if hasattr(self, "rotary_emb"):
             q, k = self.rotary_emb.rotate(q), self.rotary_emb.rotate(k)
-        bias = None
-        if hasattr(self, "time_rel_pos_bias"):
-            bias = self.time_rel_pos_bias(x.shape[1], x.device).to(q.dtype)
+        bias = None if bias is None else bias.to(q.dtype)
         return self.to_out[0](merge_heads(short_sequence_attention(q, k, v, bias)))
 
 

@@ -61,6 +61,12 @@ class DiscreteDenoiser:
         s = _per_sample(wide, x)
         c_in = _per_sample((1.0 + wide**2).rsqrt(), x)
         out = self.unet(x * c_in, t, **kwargs)
+        if out.shape[0] != x.shape[0]:
+            # A network answering several conditionings per sample returns them as `(n b) ...`.
+            if out.shape[0] % x.shape[0]:
+                raise ValueError(f"network returned batch {out.shape[0]} for an input batch of {x.shape[0]}")
+            n = out.shape[0] // x.shape[0]
+            x, s, c_in = (v.repeat(n, *(1,) * (v.ndim - 1)) for v in (x, s, c_in))
         if self.prediction == "epsilon":
             # x = x0 + sigma * eps
             return x - s * out
@@ -112,7 +118,9 @@ class CFGDenoiser:
     doubled batch; conditioning tensors with batch 1 are expanded to the batch of x, shared
     tensors whose first dimension is the batch are repeated, other values are passed through.
     ``batched=False`` makes two calls and needs less memory; batch-1 conditioning tensors are
-    expanded there too. ``uncond_first`` sets the order of
+    expanded there too. ``shared_input=True`` (with ``batched``) passes x, sigma and the shared
+    tensors once and only the conditioning doubled, for models that return one output per
+    conditioning (``LaVieUNet`` then runs its text-free first layers once). ``uncond_first`` sets the order of
     the halves of the doubled batch (the base and VSR pipelines put uncond first, the interpolation
     one cond first); it only matters for bit-level parity. ``scale == 1`` skips the uncond branch.
     """
@@ -126,6 +134,7 @@ class CFGDenoiser:
         *,
         batched: bool = True,
         uncond_first: bool = True,
+        shared_input: bool = False,
     ) -> None:
         if batched and set(cond) != set(uncond):
             raise ValueError(
@@ -138,13 +147,19 @@ class CFGDenoiser:
         self.scale = float(scale)
         self.batched = batched
         self.uncond_first = uncond_first
+        self.shared_input = shared_input
 
     def _batched_kwargs(self, batch: int, shared: Mapping[str, Any]) -> dict[str, Any]:
         kwargs: dict[str, Any] = {}
         for key, value in shared.items():
             if key in self.cond:
                 continue
-            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
+            if (
+                not self.shared_input
+                and isinstance(value, torch.Tensor)
+                and value.ndim > 0
+                and value.shape[0] == batch
+            ):
                 value = torch.cat([value, value])
             kwargs[key] = value
         for key in self.cond:
@@ -170,9 +185,14 @@ class CFGDenoiser:
             cond_out = self.model(x, sigma, **{**kwargs, **_expand_singletons(self.cond, batch)})
         else:
             batch = x.shape[0]
-            out = self.model(
-                torch.cat([x, x]), torch.cat([sigma, sigma]), **self._batched_kwargs(batch, kwargs)
-            )
+            if self.shared_input:
+                out = self.model(x, sigma, **self._batched_kwargs(batch, kwargs))
+            else:
+                out = self.model(
+                    torch.cat([x, x]), torch.cat([sigma, sigma]), **self._batched_kwargs(batch, kwargs)
+                )
+            if out.shape[0] != 2 * batch:
+                raise ValueError(f"batched guidance expected {2 * batch} outputs, got {out.shape[0]}")
             first, second = out[:batch], out[batch:]
             uncond_out, cond_out = (first, second) if self.uncond_first else (second, first)
         return uncond_out + (cond_out - uncond_out) * self.scale
@@ -186,6 +206,9 @@ def cfg_denoiser(
     *,
     batched: bool = True,
     uncond_first: bool = True,
+    shared_input: bool = False,
 ) -> CFGDenoiser:
     """Classifier-free-guided denoiser; see ``CFGDenoiser``."""
-    return CFGDenoiser(model, cond, uncond, scale, batched=batched, uncond_first=uncond_first)
+    return CFGDenoiser(
+        model, cond, uncond, scale, batched=batched, uncond_first=uncond_first, shared_input=shared_input
+    )

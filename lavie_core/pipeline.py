@@ -35,6 +35,7 @@ from .schedules import (
     initial_noise_scale,
 )
 from .tiling import TiledDenoiser, plan_windows
+from .unet import LaVieUNet
 
 __all__ = [
     "StageCallback",
@@ -281,7 +282,13 @@ def guided_denoiser(
         cfg,
         batched=cfg_mode == "batched",
         uncond_first=uncond_first,
+        shared_input=shares_text_free_prefix(net.unet),
     )
+
+
+def shares_text_free_prefix(unet: Any) -> bool:
+    """Whether ``unet`` takes x once with several contexts per sample (``LaVieUNet``, compiled or not)."""
+    return isinstance(getattr(unet, "_orig_mod", unet), LaVieUNet)
 
 
 def check_cfg_mode(cfg_mode: str) -> None:

@@ -152,8 +152,10 @@ class LaVieUNet(nn.Module):
             raise ValueError(
                 f"{c.kind} UNet expects context shaped [B, tokens, {c.cross_attention_dim}], got {list(context.shape)}"
             )
-        if context.shape[0] != x.shape[0]:
-            raise ValueError(f"batch of context ({context.shape[0]}) differs from batch of x ({x.shape[0]})")
+        if context.shape[0] % x.shape[0]:
+            raise ValueError(
+                f"batch of context ({context.shape[0]}) must equal the batch of x ({x.shape[0]}) or a multiple of it"
+            )
         if c.num_noise_levels is not None:
             if noise_level is None:
                 raise ValueError(f"{c.kind} UNet needs a noise_level (0..{c.max_noise_level})")
@@ -171,6 +173,11 @@ class LaVieUNet(nn.Module):
     ) -> torch.Tensor:
         """x: `b c f h w` (all input channels, official order) -> noise/velocity prediction `b 4 f h w`.
 
+        `context` may hold several conditionings per sample, `(n b) l c` (guidance passes uncond and cond):
+        the layers before the first text attention run once on `b`, then the activations are repeated `n`
+        times, and the output is `(n b) 4 f h w`. With guidance that skips the duplicate half of the
+        text-free prefix (the whole top level of the VSR UNet).
+
         `image_frames`: the last frames are independent still images (joint image-video training); they
         bypass temporal attention. Inference leaves it at 0.
         """
@@ -186,6 +193,13 @@ class LaVieUNet(nn.Module):
         if hasattr(self, "class_embedding"):
             emb = emb + self.class_embedding(noise_level).to(dtype)
 
+        groups = context.shape[0] // b
+
+        def widen(t: torch.Tensor) -> torch.Tensor:
+            # b ... -> (n b) ...: the text-free activations become the same for every conditioning.
+            # cat, unlike repeat, keeps the channels-last layout the convolutions need.
+            return torch.cat([t] * groups) if t.shape[0] == b and groups > 1 else t
+
         temporal = self.config.temporal_modules
         h = self.conv_in(to_channels_last(x))
         skips = [h]
@@ -193,6 +207,7 @@ class LaVieUNet(nn.Module):
             for resnet, attn in level.layers():
                 h = resnet(h, emb)
                 if attn is not None:
+                    h, emb = widen(h), widen(emb)
                     h = attn(h, context, image_frames)
                 skips.append(h)
             if hasattr(level, "downsamplers"):
@@ -202,13 +217,14 @@ class LaVieUNet(nn.Module):
                 h = self.down_temporal_blocks[i](h, emb)
 
         r0, r1 = self.mid_block.resnets
+        h, emb = widen(h), widen(emb)
         h = r1(self.mid_block.attentions[0](r0(h, emb), context, image_frames), emb)
         if temporal:
             h = self.mid_temporal_block(h, emb)
 
         for i, level in enumerate(self.up_blocks):
             for resnet, attn in level.layers():
-                h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+                h = resnet(torch.cat([h, widen(skips.pop())], dim=1), emb)
                 if attn is not None:
                     h = attn(h, context, image_frames)
             if hasattr(level, "upsamplers"):

@@ -222,3 +222,39 @@ def test_batched_cfg_bad_conditioning(cond, uncond, match):
     x, sigma, _, _ = _cfg_inputs()
     with pytest.raises(ValueError, match=match):
         cfg_denoiser(ContextModel(), cond, uncond, 5.0)(x, sigma)
+
+
+class TwoAnswers:
+    """A network that answers every context for one x: `(n b) ...` outputs, like LaVieUNet's shared prefix."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, x, t, *, context, concat=None):
+        self.seen.append(dict(x=x, t=t, context=context, concat=concat))
+        n = context.shape[0] // x.shape[0]
+        base = x + (0 if concat is None else concat)
+        return base.repeat(n, *(1,) * (x.ndim - 1)) * context.view(-1, *(1,) * (x.ndim - 1))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+@pytest.mark.parametrize("uncond_first", [True, False], ids=["uncond-first", "cond-first"])
+def test_shared_input_cfg_equals_the_doubled_batch(prediction, uncond_first):
+    net = TwoAnswers()
+    denoiser = DiscreteDenoiser(net, SCHED, prediction)
+    x, concat = _randn(2, 4, 3, 3, seed=1), _randn(2, 4, 3, 3, seed=2)
+    sigma = SCHED.sigmas[[100, 700]]
+    cond, uncond = {"context": torch.tensor([2.0, 3.0], dtype=torch.float64)}, {"context": torch.tensor([-1.0, 0.5], dtype=torch.float64)}
+    kwargs = dict(batched=True, uncond_first=uncond_first)
+    shared = CFGDenoiser(denoiser, cond, uncond, 5.0, shared_input=True, **kwargs)(x, sigma, concat=concat)
+    seen = net.seen[-1]
+    assert seen["x"].shape[0] == 2 and seen["concat"].shape[0] == 2 and seen["context"].shape[0] == 4
+    doubled = CFGDenoiser(denoiser, cond, uncond, 5.0, **kwargs)(x, sigma, concat=concat)
+    assert net.seen[-1]["x"].shape[0] == 4
+    torch.testing.assert_close(shared, doubled, rtol=1e-12, atol=1e-12)
+
+
+def test_network_batch_that_is_no_multiple_is_named():
+    net = lambda inp, t: torch.zeros(3, *inp.shape[1:], dtype=inp.dtype)  # noqa: E731
+    with pytest.raises(ValueError, match="network returned batch 3 for an input batch of 2"):
+        DiscreteDenoiser(net, SCHED)(_randn(2, 4, 3, 3), SCHED.sigmas[[1, 2]])

@@ -395,12 +395,13 @@ def test_interpolation_unet_sees_key_frame_k_at_position_4k_and_cond_first(inter
     assert len(calls) == 2
     for call in calls:
         x = call["x"]
-        assert x.shape == (2, 8, 4 * n - 3, 2, 3)  # batched CFG, [noisy 4 | copied 4] channels
+        # Batched CFG passes the video once and both texts; [noisy 4 | copied 4] channels.
+        assert x.shape == (1, 8, 4 * n - 3, 2, 3)
         conditioning = x[:, 4:]
         for k in range(n):
             assert torch.equal(conditioning[0, :, 4 * k], keys[0, :, k])
         assert torch.equal(conditioning[0], keys[0, :, P.interpolation_layout(n)])
-        assert torch.equal(conditioning[1], conditioning[0])
+        assert call["context"].shape[0] == 2
         assert torch.equal(call["context"][0], cond[0]) and torch.equal(call["context"][1], uncond[0])
         assert not torch.equal(x[0, :4], conditioning[0])  # the noisy half comes first
 

@@ -141,6 +141,41 @@ def test_rotary_rotates_pairs_by_position_and_keeps_the_tail():
     assert dots[1] == pytest.approx(dots2[2], abs=1e-5) and dots[0] == pytest.approx(dots2[1], abs=1e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("groups", [2, 3])
+def test_several_contexts_per_sample_equal_the_repeated_batch(kind, groups):
+    """x once with n contexts per sample gives what x repeated n times gives: the text-free prefix is shared."""
+    model = tiny_model(kind)
+    x, t, _, noise = inputs(model, 2, 3, 8, 8)
+    ctx = torch.randn(groups * 2, 7, model.config.cross_attention_dim, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        shared = model(x, t, ctx, noise)
+        repeated = model(x.repeat(groups, 1, 1, 1, 1), t.repeat(groups), ctx, None if noise is None else noise.repeat(groups))
+    assert shared.shape == repeated.shape == (groups * 2, 4, 3, 8, 8)
+    torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(shared[:2], shared[2:4], atol=1e-3)  # the contexts still matter
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_convolutions_see_channels_last_video_through_the_shared_prefix(kind, monkeypatch):
+    """Widening the batch for several contexts must not drop the layout cuDNN's fast kernels need."""
+    from lavie_core import blocks
+
+    seen = []
+    forward = blocks.FrameConv2d.forward
+
+    def spy(self, x):
+        seen.append(x.is_contiguous(memory_format=torch.channels_last_3d))
+        return forward(self, x)
+
+    monkeypatch.setattr(blocks.FrameConv2d, "forward", spy)
+    model = tiny_model(kind).use_channels_last()
+    x, t, _, noise = inputs(model, 1, 3, 8, 8)
+    with torch.no_grad():
+        model(x, t, torch.randn(2, 7, model.config.cross_attention_dim), noise)
+    assert len(seen) > 10 and all(seen)
+
+
 @pytest.mark.parametrize(
     "kind,kwargs,match",
     [
@@ -148,12 +183,15 @@ def test_rotary_rotates_pairs_by_position_and_keeps_the_tail():
         ("vsr", dict(noise=None), "needs a noise_level"),
         ("vsr", dict(noise=351), r"noise_level must be in 0\.\.350"),
         ("base", dict(ctx_dim=16), r"context shaped \[B, tokens, 32\]"),
+        ("base", dict(ctx_batch=3), r"batch of context \(3\) must equal the batch of x \(2\) or a multiple"),
     ],
-    ids=["wrong-channels", "vsr-no-noise-level", "vsr-noise-level-too-high", "wrong-context-dim"],
+    ids=["wrong-channels", "vsr-no-noise-level", "vsr-noise-level-too-high", "wrong-context-dim", "context-batch"],
 )
 def test_bad_inputs_are_named(kind, kwargs, match):
     model = tiny_model(kind)
-    x, t, ctx, noise = inputs(model, 1, 2, 8, 8)
+    x, t, ctx, noise = inputs(model, 2, 2, 8, 8)
+    if "ctx_batch" in kwargs:
+        ctx = ctx[:1].expand(kwargs["ctx_batch"], -1, -1)
     if "channels" in kwargs:
         x = x[:, : kwargs["channels"]]
     if "ctx_dim" in kwargs:

@@ -1,0 +1,90 @@
+"""The fused temporal-attention kernel (lavie_core/fused.py) against the matmul path it replaces on CUDA.
+
+On the CPU the Triton kernel runs in Triton's interpreter, in a subprocess because the interpreter is
+chosen when the kernel is defined.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fused_cases import CASES, max_error
+from lavie_core import LaVieUNet, UNetConfig, fused
+
+ROOT = Path(__file__).resolve().parents[1]
+triton_missing = fused.triton is None
+on_cuda = pytest.mark.skipif(triton_missing or not torch.cuda.is_available(), reason="needs CUDA and triton")
+
+
+@pytest.fixture(scope="module")
+def interpreted_errors():
+    paths = [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "fused_cases.py")], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {r["case"]: r["max_error"] for r in map(json.loads, run.stdout.splitlines())}
+
+
+@pytest.mark.skipif(triton_missing, reason="triton is not installed")
+@pytest.mark.parametrize("case", list(CASES))
+def test_interpreted_kernel_matches_the_matmul_path(interpreted_errors, case):
+    assert interpreted_errors[case] < 1e-5
+
+
+@pytest.mark.gpu
+@on_cuda
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_kernel_matches_the_matmul_path(case):
+    assert max_error(case, "cuda") < 1e-5
+    assert max_error(case, "cuda", torch.float16) < 2e-2
+
+
+@pytest.mark.gpu
+@on_cuda
+@pytest.mark.parametrize("kind", ["base", "interpolation", "vsr"])
+def test_unet_with_the_fused_kernel_equals_the_matmul_path(kind, monkeypatch):
+    # TF32 convolutions would turn the kernels' last-bit differences into 1e-4 ones.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    model = LaVieUNet(UNetConfig.tiny(kind)).cuda().eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, model.config.in_channels, 6, 8, 8, generator=g).cuda()
+    ctx = torch.randn(2, 7, model.config.cross_attention_dim, generator=g).cuda()
+    noise = torch.tensor([20, 20]).cuda() if model.config.num_noise_levels else None
+    with torch.no_grad():
+        out = model(x, torch.tensor([500, 500]).cuda(), ctx, noise)
+        monkeypatch.setattr(fused, "available", lambda *_: False)
+        ref = model(x, torch.tensor([500, 500]).cuda(), ctx, noise)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_the_kernel_is_used_only_where_it_can_run():
+    x = torch.zeros(2, 8, 16)
+    assert not fused.available(x, 8)  # CPU tensors take the matmul path
+    if torch.cuda.is_available() and not triton_missing:
+        y = x.cuda()
+        assert fused.available(y, 8) and not fused.available(y, fused.MAX_FRAMES + 1)
+        with torch.enable_grad():
+            assert not fused.available(y.requires_grad_(), 8)  # no backward: training takes the matmul path
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        pytest.param(dict(heads=5), "48 channels do not split into 5 heads", id="heads"),
+        pytest.param(dict(bias=torch.zeros(2, 4, 5)), r"bias must be shaped \(2, 4, 4\)", id="bias-shape"),
+        pytest.param(dict(rotary=(torch.zeros(4, 30), torch.zeros(4, 30))), r"rotary tables must be shaped \(4, even r <= 24\)", id="rotary-too-wide"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    q = torch.zeros(3, 4, 48)
+    kwargs = {"heads": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        fused.temporal_attention(q, q, q, kwargs.pop("heads"), **kwargs)
