@@ -162,7 +162,8 @@ class LaVieUpscale:
             "tile_overlap": ("INT", {"default": 32, "min": 0, "max": MAX_SIZE, "tooltip": (
                 "Pixels shared by neighbouring tiles; blended to hide seams.")}),
             "chunk_frames": ("INT", {"default": 8, "min": 0, "max": 1024, "tooltip": (
-                "Frames the UNet sees at once (official: 8); 0 processes all frames together.")}),
+                "Frames the UNet sees at once (official: 8); 0 processes all frames together. GPU memory at a "
+                "320x512 input with guidance, fp16: about 19 GB for 8 frames, 10 GB for 4, 6 GB for 2.")}),
             "chunk_overlap": ("INT", {"default": 2, "min": 0, "max": 1024, "tooltip": (
                 "Frames shared by neighbouring chunks, blended for temporal consistency; 0 gives the official cuts.")}),
             "decode_chunk": ("INT", {"default": 2, "min": 1, "max": 1024, "tooltip": (
