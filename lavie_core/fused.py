@@ -163,7 +163,7 @@ def temporal_attention(
     `rotary`: float32 `(cos, sin)` tables `f r` applied to the first r channels of every head of q and k
     (interleaved pairs). `bias`: float32 `h f f` added to the scores.
     """
-    n, frames, channels = q.shape
+    _, frames, channels = q.shape
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k and v must share one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if channels % heads:

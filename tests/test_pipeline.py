@@ -686,6 +686,8 @@ def test_memory_estimate_scales_like_activations():
     assert P.estimate_unet_memory(config, 8, 320, 512, 1, torch.float32) == 2 * one
     quarter = P.estimate_unet_memory(config, 8, 160, 256, 1, torch.float16)
     assert 0.24 * one <= quarter <= 0.26 * one
+    # A 128x128 tile of an 8-frame x4 chunk with batched CFG needs a few GB.
+    assert 1e9 < P.estimate_unet_memory(config, 8, 128, 128, 2, torch.float16) < 20e9
 
 
 # Activation peaks of one guided UNet call at the paper's sizes, fp16, eager, measured on an H200 with

@@ -446,9 +446,10 @@ def train_t2i(spec: CascadeSpec, work: Path, budget: Budget, device: torch.devic
     def save() -> None:
         save_unet(ema_unet, work / out, dtype=torch.float16)
         if train_text:
-            save_text_encoder(TextEncoder(text.tokenizer, ema[1][1]), text_path)
+            encoder = TextEncoder(text.tokenizer, ema[1][1])
+            save_text_encoder(encoder, text_path)
             if text_dir == FILES["text"]:
-                save_text_encoder(TextEncoder(text.tokenizer, ema[1][1]), work / FILES["text_t2i"])
+                save_text_encoder(encoder, work / FILES["text_t2i"])
 
     gen = _generator(seed, name)
     torch.manual_seed(seed)
