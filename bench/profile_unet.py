@@ -1,7 +1,7 @@
 """Where one UNet call spends its GPU time: totals per kind of kernel (convolution, matmul, attention,
 compiled Triton kernels, other), then the torch.profiler table grouped by kernel and input shapes.
 
-    python bench/profile_unet.py --stage vsr --frames 2 [--dtype fp16] [--compile] [--rows 30]
+    python bench/profile_unet.py --stage vsr --frames 2 [--dtype fp16] [--compile] [--rows 30] [--kernels 40]
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=None, help="fewer frames than the paper's, to profile faster")
     parser.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--rows", type=int, default=30, help="rows of the operator table")
+    parser.add_argument("--kernels", type=int, default=40, help="how many kernels to list by GPU time")
     parser.add_argument("--cfg-input", default="shared", choices=["shared", "doubled"])
     args = parser.parse_args(argv)
     torch.backends.cudnn.benchmark = True
@@ -53,11 +54,14 @@ def main(argv: list[str] | None = None) -> int:
             fn(x, t, ctx, noise)
             torch.cuda.synchronize()
     kinds: dict[str, float] = {}
-    for event in prof.key_averages():
-        if event.device_time_total > 0 and event.device_type == torch.autograd.DeviceType.CUDA:
-            kind = kernel_kind(event.key)
-            kinds[kind] = kinds.get(kind, 0.0) + event.device_time_total / 1e3
+    kernels = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CUDA]
+    for event in kernels:
+        kind = kernel_kind(event.key)
+        kinds[kind] = kinds.get(kind, 0.0) + event.device_time_total / 1e3
     print("GPU ms by kernel kind: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    print(f"\n{args.kernels} most expensive kernels: total ms, calls, name")
+    for event in sorted(kernels, key=lambda e: -e.device_time_total)[: args.kernels]:
+        print(f"{event.device_time_total / 1e3:8.2f} {event.count:4d}  {event.key[:160]}")
     table = prof.key_averages(group_by_input_shape=True).table(
         sort_by="cuda_time_total", row_limit=args.rows, max_name_column_width=50, max_shapes_column_width=90
     )

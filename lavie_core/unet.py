@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .blocks import (
@@ -141,7 +140,11 @@ class LaVieUNet(nn.Module):
         return self.conv_in.weight.device
 
     def check_inputs(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, noise_level: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        noise_level: torch.Tensor | int | None,
     ) -> None:
         c = self.config
         if x.ndim != 5 or x.shape[1] != c.in_channels:
@@ -159,8 +162,11 @@ class LaVieUNet(nn.Module):
         if c.num_noise_levels is not None:
             if noise_level is None:
                 raise ValueError(f"{c.kind} UNet needs a noise_level (0..{c.max_noise_level})")
-            if int(noise_level.max()) > c.max_noise_level or int(noise_level.min()) < 0:
-                raise ValueError(f"noise_level must be in 0..{c.max_noise_level}, got {noise_level.tolist()}")
+            # Checked on the value as passed: an int costs no device sync. Compiled graphs skip the check
+            # (it would break them in two); the pipeline checks its int before sampling.
+            levels = torch.as_tensor(noise_level)
+            if not torch.compiler.is_compiling() and (int(levels.max()) > c.max_noise_level or int(levels.min()) < 0):
+                raise ValueError(f"noise_level must be in 0..{c.max_noise_level}, got {levels.tolist()}")
 
     def forward(
         self,
@@ -183,9 +189,9 @@ class LaVieUNet(nn.Module):
         """
         b = x.shape[0]
         timesteps = torch.as_tensor(timesteps, device=x.device).reshape(-1).expand(b)
+        self.check_inputs(x, timesteps, context, noise_level)
         if noise_level is not None:
             noise_level = torch.as_tensor(noise_level, device=x.device, dtype=torch.long).reshape(-1).expand(b)
-        self.check_inputs(x, timesteps, context, noise_level)
         dtype = self.dtype
         x, context = x.to(dtype), context.to(dtype)
 
@@ -232,4 +238,4 @@ class LaVieUNet(nn.Module):
             if temporal:
                 h = self.up_temporal_blocks[i](h, emb)
 
-        return self.conv_out(F.silu(self.conv_norm_out(h))).contiguous()
+        return self.conv_out(self.conv_norm_out(h, silu=True)).contiguous()

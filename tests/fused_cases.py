@@ -1,4 +1,4 @@
-"""Fused temporal attention against the matmul path, case by case; prints one JSON line per case.
+"""Fused kernels against plain torch, case by case (temporal attention, GroupNorm passes); prints one JSON line per case.
 
 Run as a script (tests/test_fused.py does, with TRITON_INTERPRET=1 on the CPU) or imported on CUDA.
 """
@@ -8,36 +8,72 @@ import json
 import sys
 
 import torch
+from einops import rearrange
 
 from lavie_core import blocks, fused
 
-# id: (rows, frames, heads, head_dim, rotary_dim, bias)
+# id: (rows, tokens, frames, heads, head_dim, rotary_dim, bias). tokens None: `n f c` rows; otherwise
+# `rows` clips of `tokens` pixels, laid out `(b f) l c` as the spatial layers leave them.
 CASES = {
-    "vsr-8-frames-rotary-bias": (5, 8, 2, 64, 32, True),
-    "base-16-frames-head-40": (3, 16, 2, 40, 32, True),
-    "odd-frames-no-bias": (4, 7, 3, 16, 8, False),
-    "plain-13-frames": (2, 13, 2, 8, 0, False),
-    "long-61-frames": (2, 61, 2, 16, 0, False),
-    "many-rows-one-frame": (37, 1, 2, 8, 8, True),
+    "vsr-8-frames-rotary-bias": (5, None, 8, 2, 64, 32, True),
+    "base-16-frames-head-40": (3, None, 16, 2, 40, 32, True),
+    "odd-frames-no-bias": (4, None, 7, 3, 16, 8, False),
+    "plain-13-frames": (2, None, 13, 2, 8, 0, False),
+    "long-61-frames": (2, None, 61, 2, 16, 0, False),
+    "many-rows-one-frame": (37, None, 1, 2, 8, 8, True),
+    "video-layout-2-clips": (2, 5, 8, 2, 64, 32, True),
+    "video-layout-odd-tokens": (3, 7, 6, 2, 16, 8, False),
 }
 
 
 def max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
-    rows, frames, heads, head_dim, rotary_dim, with_bias = CASES[case]
+    rows, tokens, frames, heads, head_dim, rotary_dim, with_bias = CASES[case]
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(rows, frames, heads * head_dim, generator=g).to(device, dtype) for _ in range(3))
+    shape = (rows, frames, heads * head_dim) if tokens is None else (rows * frames, tokens, heads * head_dim)
+    q, k, v = (torch.randn(*shape, generator=g).to(device, dtype) for _ in range(3))
+    if tokens is not None:
+        q, k, v = (t.unflatten(0, (rows, frames)) for t in (q, k, v))
     bias = torch.randn(heads, frames, frames, generator=g).to(device) if with_bias else None
     rotary = blocks.RotaryEmbedding(rotary_dim).to(device) if rotary_dim else None
-    qh, kh, vh = (blocks.split_heads(t.float(), heads) for t in (q, k, v))
+    grouped = "b f l (h d) -> (b l) h f d" if tokens is not None else "n f (h d) -> n h f d"
+    qh, kh, vh = (rearrange(t.float(), grouped, h=heads) for t in (q, k, v))
     if rotary is not None:
         qh, kh = rotary.rotate(qh), rotary.rotate(kh)
-    expected = blocks.merge_heads(blocks.short_sequence_attention(qh, kh, vh, bias))
+    expected = blocks.short_sequence_attention(qh, kh, vh, bias)
+    ungrouped = "(b l) h f d -> b f l (h d)" if tokens is not None else "n h f d -> n f (h d)"
+    expected = rearrange(expected, ungrouped, **({"l": tokens} if tokens is not None else {}))
     table = rotary.table(frames, q.device) if rotary is not None else None
     out = fused.temporal_attention(q, k, v, heads, rotary=table, bias=bias)
     assert out.shape == q.shape and out.dtype == dtype
     return (out.float() - expected).abs().max().item()
 
 
+# GroupNorm's two passes. id: (clips, rows, channels, silu); rows past one program's share and channel
+# counts that are not powers of two cover the kernels' edges.
+NORM_CASES = {
+    "norm-vsr-like-silu": (2, 4100, 96, True),
+    "norm-odd-channels": (3, 37, 40, False),
+    "norm-wide-channels": (1, 70, 320, True),
+}
+
+
+def norm_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    clips, rows, channels, silu = NORM_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(clips, rows, channels, generator=g) * 3 + 1).to(device, dtype)
+    scale, shift = (torch.randn(clips, channels, generator=g).to(device) for _ in range(2))
+    sums = fused.channel_sums(x)
+    expected_sums = torch.stack([x.float().sum(1), x.float().square().sum(1)], dim=1)
+    out = fused.scale_shift(x, scale, shift, silu=silu)
+    expected = x.float() * scale[:, None] + shift[:, None]
+    expected = torch.nn.functional.silu(expected) if silu else expected
+    assert out.shape == x.shape and out.dtype == dtype and sums.shape == (clips, 2, channels)
+    # Relative to the magnitude (at least 1): half-precision outputs carry rounding relative to their size.
+    sums_error = ((sums - expected_sums).abs() / expected_sums.abs().clamp(min=1)).max().item()
+    return max(sums_error, ((out.float() - expected).abs() / expected.abs().clamp(min=1)).max().item())
+
+
 if __name__ == "__main__":
-    for name in sys.argv[1:] or CASES:
-        print(json.dumps({"case": name, "max_error": max_error(name)}), flush=True)
+    for name in sys.argv[1:] or [*CASES, *NORM_CASES]:
+        error = norm_max_error(name) if name in NORM_CASES else max_error(name)
+        print(json.dumps({"case": name, "max_error": error}), flush=True)

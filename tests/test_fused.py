@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fused_cases import CASES, max_error
+from fused_cases import CASES, NORM_CASES, max_error, norm_max_error
 from lavie_core import LaVieUNet, UNetConfig, fused
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +37,20 @@ def test_interpreted_kernel_matches_the_matmul_path(interpreted_errors, case):
     assert interpreted_errors[case] < 1e-5
 
 
+@pytest.mark.skipif(triton_missing, reason="triton is not installed")
+@pytest.mark.parametrize("case", list(NORM_CASES))
+def test_interpreted_norm_kernels_match_torch(interpreted_errors, case):
+    assert interpreted_errors[case] < 1e-5
+
+
+@pytest.mark.gpu
+@on_cuda
+@pytest.mark.parametrize("case", list(NORM_CASES))
+def test_cuda_norm_kernels_match_torch(case):
+    assert norm_max_error(case, "cuda") < 1e-5
+    assert norm_max_error(case, "cuda", torch.float16) < 1e-3
+
+
 @pytest.mark.gpu
 @on_cuda
 @pytest.mark.parametrize("case", list(CASES))
@@ -48,7 +62,7 @@ def test_cuda_kernel_matches_the_matmul_path(case):
 @pytest.mark.gpu
 @on_cuda
 @pytest.mark.parametrize("kind", ["base", "interpolation", "vsr"])
-def test_unet_with_the_fused_kernel_equals_the_matmul_path(kind, monkeypatch):
+def test_unet_with_the_fused_kernels_equals_the_plain_path(kind, monkeypatch):
     # TF32 convolutions would turn the kernels' last-bit differences into 1e-4 ones.
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     model = LaVieUNet(UNetConfig.tiny(kind)).cuda().eval()
@@ -61,13 +75,29 @@ def test_unet_with_the_fused_kernel_equals_the_matmul_path(kind, monkeypatch):
     with torch.no_grad():
         out = model(x, torch.tensor([500, 500]).cuda(), ctx, noise)
         monkeypatch.setattr(fused, "available", lambda *_: False)
+        monkeypatch.setattr(fused, "kernels_usable", lambda *_: False)
         ref = model(x, torch.tensor([500, 500]).cuda(), ctx, noise)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        pytest.param(lambda: fused.channel_sums(torch.zeros(2, 3)), "takes `b n c` rows, got 2 dimensions", id="sums-rank"),
+        pytest.param(
+            lambda: fused.scale_shift(torch.zeros(2, 5, 4), torch.zeros(2, 4), torch.zeros(4)),
+            r"per-channel values must be shaped \(2, 4\), got \(4,\)", id="shift-shape",
+        ),
+    ],
+)
+def test_bad_norm_arguments_are_named(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
 def test_the_kernel_is_used_only_where_it_can_run():
     x = torch.zeros(2, 8, 16)
-    assert not fused.available(x, 8)  # CPU tensors take the matmul path
+    assert not fused.available(x, 8) and not fused.kernels_usable(x)  # CPU tensors take the plain path
     if torch.cuda.is_available() and not triton_missing:
         y = x.cuda()
         assert fused.available(y, 8) and not fused.available(y, fused.MAX_FRAMES + 1)
@@ -81,10 +111,11 @@ def test_the_kernel_is_used_only_where_it_can_run():
         pytest.param(dict(heads=5), "48 channels do not split into 5 heads", id="heads"),
         pytest.param(dict(bias=torch.zeros(2, 4, 5)), r"bias must be shaped \(2, 4, 4\)", id="bias-shape"),
         pytest.param(dict(rotary=(torch.zeros(4, 30), torch.zeros(4, 30))), r"rotary tables must be shaped \(4, even r <= 24\)", id="rotary-too-wide"),
+        pytest.param(dict(q=torch.zeros(3, 4, 48, 1, 1)), r"must be `n f c` or `b f l c`, got 5 dimensions", id="rank"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, match):
-    q = torch.zeros(3, 4, 48)
+    q = kwargs.pop("q", torch.zeros(3, 4, 48))
     kwargs = {"heads": 2, **kwargs}
     with pytest.raises(ValueError, match=match):
         fused.temporal_attention(q, q, q, kwargs.pop("heads"), **kwargs)

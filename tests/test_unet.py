@@ -3,10 +3,11 @@ import json
 
 import pytest
 import torch
+from einops import rearrange
 
 from ckpt_factory import FIXTURES, random_state_dict_for
 from lavie_core import LaVieUNet, UNetConfig
-from lavie_core.blocks import RelativePositionBias, RotaryEmbedding, sparse_causal_attention
+from lavie_core.blocks import RelativePositionBias, RotaryEmbedding, TemporalAttention, sparse_causal_attention
 
 KINDS = ["base", "interpolation", "vsr"]
 
@@ -228,3 +229,26 @@ def test_image_frames_skip_temporal_attention():
     model = tiny_model("base")
     args = inputs(model, 1, 4, 8, 8)
     assert model(*args, image_frames=1).shape == model(*args).shape
+
+
+def test_temporal_attention_on_video_tokens_equals_pixel_grouped():
+    torch.manual_seed(0)
+    attn = TemporalAttention(16, 2, RotaryEmbedding(8), RelativePositionBias(2))
+    torch.nn.init.normal_(attn.to_out[0].weight, std=0.2)
+    video = torch.randn(2, 5, 3, 16)  # b f l c
+    expected = rearrange(attn(rearrange(video, "b f l c -> (b l) f c")), "(b l) f c -> b f l c", l=3)
+    torch.testing.assert_close(attn(video), expected)
+    # Frames differ after attention: positions are in play, so a frame/pixel mix-up would show.
+    assert not torch.allclose(expected[:, 1:], expected[:, :1].expand_as(expected[:, 1:]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_unet_traces_as_one_graph(kind):
+    # A graph break (a data-dependent check, a Python-side value read) splits torch.compile's graph and
+    # costs fusion and a device sync per call; fullgraph=True turns any break into an error.
+    model = tiny_model(kind)
+    x, t, ctx, noise = inputs(model, 1, 3, 8, 8)
+    ctx = torch.cat([ctx, -ctx])  # guidance: one video, two texts
+    traced = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x, t, ctx, noise), model(x, t, ctx, noise))
