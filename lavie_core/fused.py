@@ -124,7 +124,7 @@ if triton is not None:
 
     @triton.jit
     def _channel_sums_kernel(
-        x_ptr, out_ptr, rows, channels, stride_b,
+        x_ptr, out_ptr, rows, channels,
         ROWS_PER_PROGRAM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         split, clip, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -132,7 +132,7 @@ if triton is not None:
         col_ok = cols < channels
         total = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
         squares = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        base = x_ptr + clip.to(tl.int64) * stride_b
+        base = x_ptr + clip.to(tl.int64) * rows * channels
         for r0 in range(0, ROWS_PER_PROGRAM, BLOCK_R):
             r = split * ROWS_PER_PROGRAM + r0 + tl.arange(0, BLOCK_R)
             mask = (r < rows)[:, None] & col_ok[None, :]
@@ -145,7 +145,7 @@ if triton is not None:
 
     @triton.jit
     def _scale_shift_kernel(
-        x_ptr, out_ptr, scale_ptr, shift_ptr, rows, channels, stride_b,
+        x_ptr, out_ptr, scale_ptr, shift_ptr, rows, channels,
         SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         rb, clip, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -153,7 +153,7 @@ if triton is not None:
         cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = cols < channels
         mask = (r < rows)[:, None] & col_ok[None, :]
-        offsets = clip.to(tl.int64) * stride_b + r.to(tl.int64)[:, None] * channels + cols[None, :]
+        offsets = (clip.to(tl.int64) * rows + r.to(tl.int64)[:, None]) * channels + cols[None, :]
         v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         scale = tl.load(scale_ptr + clip * channels + cols, mask=col_ok, other=0.0)
         shift = tl.load(shift_ptr + clip * channels + cols, mask=col_ok, other=0.0)
@@ -163,36 +163,32 @@ if triton is not None:
         tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _rows_layout(x: torch.Tensor) -> torch.Tensor:
-    """`b n c` with rows of c contiguous channels (what both norm kernels index); copies only if needed."""
-    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
-
-
 _SUM_ROWS_PER_PROGRAM = 2048
 
 
 def _launch_channel_sums(x: torch.Tensor) -> torch.Tensor:
-    x = _rows_layout(x)
+    x = x.contiguous()  # a view of a channels-last video already is
     clips, rows, channels = x.shape
     splits = triton.cdiv(rows, _SUM_ROWS_PER_PROGRAM)
     # Per-split partial sums, added up by torch: deterministic, unlike atomics.
     partial = torch.empty((clips, splits, 2, channels), device=x.device, dtype=torch.float32)
     block_c = min(64, triton.next_power_of_2(channels))
     _channel_sums_kernel[(splits, clips, triton.cdiv(channels, block_c))](
-        x, partial, rows, channels, x.stride(0),
+        x, partial, rows, channels,
         ROWS_PER_PROGRAM=_SUM_ROWS_PER_PROGRAM, BLOCK_R=32, BLOCK_C=block_c, num_warps=4,
     )
     return partial.sum(1)
 
 
 def _launch_scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool) -> torch.Tensor:
-    x = _rows_layout(x)
+    # Input and output share one contiguous layout, so one set of offsets serves both.
+    x = x.contiguous()
     clips, rows, channels = x.shape
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty_like(x)
     block_c = min(128, triton.next_power_of_2(channels))
     block_r = max(1, 4096 // block_c)
     _scale_shift_kernel[(triton.cdiv(rows, block_r), clips, triton.cdiv(channels, block_c))](
-        x, out, scale.float().contiguous(), shift.float().contiguous(), rows, channels, x.stride(0),
+        x, out, scale.float().contiguous(), shift.float().contiguous(), rows, channels,
         SILU=silu, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return out
@@ -257,14 +253,18 @@ if _CUSTOM_OPS:
         return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
+def _require_kernels(name: str) -> None:
+    if triton is None or not _CUSTOM_OPS:
+        raise RuntimeError(f"fused.{name} needs Triton and torch >= 2.4; check fused.kernels_usable() first")
+
+
 def _check_rows(name: str, x: torch.Tensor, *per_channel: torch.Tensor) -> None:
     if x.ndim != 3:
         raise ValueError(f"{name} takes `b n c` rows, got {x.ndim} dimensions")
     for t in per_channel:
         if tuple(t.shape) != (x.shape[0], x.shape[2]):
             raise ValueError(f"{name}: per-channel values must be shaped {(x.shape[0], x.shape[2])}, got {tuple(t.shape)}")
-    if triton is None or not _CUSTOM_OPS:
-        raise RuntimeError(f"fused.{name} needs Triton and torch >= 2.4; check fused.kernels_usable() first")
+    _require_kernels(name)
 
 
 def channel_sums(x: torch.Tensor) -> torch.Tensor:
@@ -317,8 +317,7 @@ def temporal_attention(
     else:
         cos = sin = None
     bias = None if bias is None else bias.float().contiguous()
-    if triton is None or not _CUSTOM_OPS:
-        raise RuntimeError("fused.temporal_attention needs Triton and torch >= 2.4; check fused.available() first")
+    _require_kernels("temporal_attention")
     if q.ndim == 3:
         return _temporal_attention_op(*(t.unsqueeze(2) for t in (q, k, v)), heads, cos, sin, bias).squeeze(2)
     return _temporal_attention_op(q, k, v, heads, cos, sin, bias)

@@ -48,19 +48,21 @@ def max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32
     return (out.float() - expected).abs().max().item()
 
 
-# GroupNorm's two passes. id: (clips, rows, channels, silu); rows past one program's share and channel
-# counts that are not powers of two cover the kernels' edges.
+# GroupNorm's two passes. id: (clips, rows, channels, silu, sliced); rows past one program's share and
+# channel counts that are not powers of two cover the kernels' edges; `sliced` passes the first rows of a
+# longer tensor (a view whose clips lie further apart than its rows).
 NORM_CASES = {
-    "norm-vsr-like-silu": (2, 4100, 96, True),
-    "norm-odd-channels": (3, 37, 40, False),
-    "norm-wide-channels": (1, 70, 320, True),
+    "norm-vsr-like-silu": (2, 4100, 96, True, False),
+    "norm-odd-channels": (3, 37, 40, False, False),
+    "norm-wide-channels": (1, 70, 320, True, False),
+    "norm-sliced-rows": (3, 50, 24, True, True),
 }
 
 
 def norm_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
-    clips, rows, channels, silu = NORM_CASES[case]
+    clips, rows, channels, silu, sliced = NORM_CASES[case]
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(clips, rows, channels, generator=g) * 3 + 1).to(device, dtype)
+    x = (torch.randn(clips, 2 * rows if sliced else rows, channels, generator=g) * 3 + 1).to(device, dtype)[:, :rows]
     scale, shift = (torch.randn(clips, channels, generator=g).to(device) for _ in range(2))
     sums = fused.channel_sums(x)
     expected_sums = torch.stack([x.float().sum(1), x.float().square().sum(1)], dim=1)
