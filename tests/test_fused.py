@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from einops import rearrange
 
 from fused_cases import CASES, NORM_CASES, max_error, norm_max_error
-from lavie_core import LaVieUNet, UNetConfig, fused
+from lavie_core import LaVieUNet, UNetConfig, blocks, fused
 
 ROOT = Path(__file__).resolve().parents[1]
 triton_missing = fused.triton is None
@@ -76,8 +77,27 @@ def test_unet_with_the_fused_kernels_equals_the_plain_path(kind, monkeypatch):
         out = model(x, torch.tensor([500, 500]).cuda(), ctx, noise)
         monkeypatch.setattr(fused, "available", lambda *_: False)
         monkeypatch.setattr(fused, "kernels_usable", lambda *_: False)
+        monkeypatch.setattr(blocks.TemporalAttention, "reads_video_tokens", lambda *_: False)
         ref = model(x, torch.tensor([500, 500]).cuda(), ctx, noise)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("max_heads", [None, 512], ids=["one-launch", "pixel-groups"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_cuda_sdpa_on_video_tokens_equals_pixel_grouped(monkeypatch, dtype, max_heads):
+    # The interpolation model's 61-frame attention: SDPA's kernels read the spatial layout through strides.
+    if max_heads is not None:
+        monkeypatch.setattr(blocks, "SDPA_MAX_HEADS", max_heads)
+    torch.manual_seed(0)
+    attn = blocks.TemporalAttention(320, 8, None, None).cuda().to(dtype)
+    torch.nn.init.normal_(attn.to_out[0].weight, std=0.05)
+    video = torch.randn(2, 61, 200, 320, device="cuda", dtype=dtype)  # b f l c
+    with torch.no_grad():
+        out = attn(video)
+        ref = rearrange(attn(rearrange(video, "b f l c -> (b l) f c")), "(b l) f c -> b f l c", l=200)
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=1e-4 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import torch
 from einops import rearrange
 
 from ckpt_factory import FIXTURES, random_state_dict_for
-from lavie_core import LaVieUNet, UNetConfig
+from lavie_core import LaVieUNet, UNetConfig, blocks
 from lavie_core.blocks import RelativePositionBias, RotaryEmbedding, TemporalAttention, sparse_causal_attention
 
 KINDS = ["base", "interpolation", "vsr"]
@@ -231,15 +231,44 @@ def test_image_frames_skip_temporal_attention():
     assert model(*args, image_frames=1).shape == model(*args).shape
 
 
-def test_temporal_attention_on_video_tokens_equals_pixel_grouped():
+@pytest.mark.parametrize("fold_from", [0, 2**62], ids=["folded", "added"])
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+@pytest.mark.parametrize("shape", [(2, 64, 3, 5, 4), (3, 64, 6, 5)], ids=["video", "images"])
+def test_group_norm_matches_torch_and_absorbs_an_offset(monkeypatch, shape, silu, fold_from):
+    monkeypatch.setattr(blocks, "FOLD_OFFSET_MIN_NUMEL", fold_from)
     torch.manual_seed(0)
-    attn = TemporalAttention(16, 2, RotaryEmbedding(8), RelativePositionBias(2))
+    norm = blocks.VideoGroupNorm(8, 64, eps=1e-6)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(shape) * 2 + 0.5
+    offset = torch.randn(shape[0], 64) * 3  # a time embedding, large against the activations' spread
+    act = torch.nn.functional.silu if silu else (lambda t: t)
+    for t in (None, offset):
+        full = x if t is None else x + t.view(*t.shape, *[1] * (x.ndim - 2))
+        expected = act(torch.nn.functional.group_norm(full, 8, norm.weight, norm.bias, 1e-6))
+        torch.testing.assert_close(norm(x, silu=silu, offset=t), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "positions, max_heads",
+    [
+        pytest.param(True, None, id="rotary-and-bias-matmul"),
+        pytest.param(False, None, id="plain-sdpa"),
+        pytest.param(False, 4, id="plain-sdpa-in-pixel-groups"),
+    ],
+)
+def test_temporal_attention_on_video_tokens_equals_pixel_grouped(monkeypatch, positions, max_heads):
+    if max_heads is not None:
+        monkeypatch.setattr(blocks, "SDPA_MAX_HEADS", max_heads)  # 2 heads: pixel groups of 2, 3 pixels
+    torch.manual_seed(0)
+    attn = TemporalAttention(16, 2, RotaryEmbedding(8) if positions else None, RelativePositionBias(2) if positions else None)
     torch.nn.init.normal_(attn.to_out[0].weight, std=0.2)
     video = torch.randn(2, 5, 3, 16)  # b f l c
     expected = rearrange(attn(rearrange(video, "b f l c -> (b l) f c")), "(b l) f c -> b f l c", l=3)
     torch.testing.assert_close(attn(video), expected)
-    # Frames differ after attention: positions are in play, so a frame/pixel mix-up would show.
+    # Frames and pixels differ after attention, so a frame/pixel mix-up would show.
     assert not torch.allclose(expected[:, 1:], expected[:, :1].expand_as(expected[:, 1:]))
+    assert not torch.allclose(expected[:, :, 1:], expected[:, :, :1].expand_as(expected[:, :, 1:]))
 
 
 @pytest.mark.parametrize("kind", KINDS)
