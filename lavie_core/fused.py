@@ -1,4 +1,4 @@
-"""Fused temporal attention for CUDA: rotary positions, relative bias, softmax and the weighted sum in one pass.
+"""Fused CUDA kernels (Triton): temporal attention, and GroupNorm as two passes.
 
 Temporal attention runs over a few frames for every pixel and head, `(b h w) f c`. As batched matmuls it is
 a chain of small, memory-bound kernels (pixel grouping, head split, rotary on q and k, q k^T with 8x8
@@ -7,8 +7,12 @@ The Triton kernel here reads q, k and v once, straight from the projections' `b 
 spatial layers' `(b f) l c` viewed per frame), and writes the output in that layout, so the video never
 changes layout around the temporal layer.
 
-`temporal_attention` is registered as a torch custom op, so `torch.compile` keeps it as one kernel. It has
-no backward: training and CPU inference use `blocks.short_sequence_attention`.
+GroupNorm on a channels-last video is `channel_sums` (per-channel float32 sums and sums of squares, one
+read) and `scale_shift` (normalisation and the SiLU that follows it, one read and one write);
+`blocks.group_norm` turns the sums into group statistics.
+
+The kernels are torch custom ops, so `torch.compile` keeps each as one kernel. They have no backward:
+training and CPU inference take the torch paths in `blocks`.
 """
 from __future__ import annotations
 

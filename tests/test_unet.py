@@ -160,8 +160,6 @@ def test_several_contexts_per_sample_equal_the_repeated_batch(kind, groups):
 @pytest.mark.parametrize("kind", KINDS)
 def test_convolutions_see_channels_last_video_through_the_shared_prefix(kind, monkeypatch):
     """Widening the batch for several contexts must not drop the layout cuDNN's fast kernels need."""
-    from lavie_core import blocks
-
     seen = []
     forward = blocks.FrameConv2d.forward
 
