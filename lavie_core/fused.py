@@ -5,7 +5,8 @@ a chain of small, memory-bound kernels (pixel grouping, head split, rotary on q 
 tiles, bias, softmax, p v, head merge, frame grouping), each reading and writing the whole activation.
 The Triton kernel here reads q, k and v once, straight from the projections' `b f l (h d)` layout (the
 spatial layers' `(b f) l c` viewed per frame), and writes the output in that layout, so the video never
-changes layout around the temporal layer.
+changes layout around the temporal layer. Each program computes one pixel and head: scores and the
+weighted sum are two tensor-core dots of `frames x head_dim` tiles (padded to 16), softmax in float32.
 
 GroupNorm on a channels-last video is `channel_sums` (per-channel float32 sums and sums of squares, one
 read) and `scale_shift` (normalisation and the SiLU that follows it, one read and one write);
@@ -26,8 +27,8 @@ except ImportError:  # CPU-only installs; callers check `available()`
 
 __all__ = ["available", "kernels_usable", "temporal_attention", "channel_sums", "scale_shift", "MAX_FRAMES"]
 
-# Query rows are held in registers as `rows x frames x head_dim`. At 61 frames (interpolation) the kernel
-# was slower than the matmul path (211 against 194 ms per compiled call on an H200); at 8 and 16 it is faster.
+# A program holds `frames x head_dim` tiles of q, k, v and the output in one warp's registers, measured at
+# 8 and 16 frames (VSR, base). The interpolation model's 61 frames take SDPA or the matmul path instead.
 MAX_FRAMES = 32
 
 
@@ -54,76 +55,59 @@ def available(x: torch.Tensor, frames: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _rotate(x, partner, cos, sin, d, rotary_dim: tl.constexpr):
-        # Interleaved pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); channels >= rotary_dim pass.
-        sign = tl.where(d % 2 == 0, -1.0, 1.0)
-        return tl.where(d < rotary_dim, x * cos + sign * partner * sin, x)
+    def _frame_tile(ptr, row_offset, frame, stride_f, channel, mask):
+        # `frames x channels` of one pixel and head, straight from the `b f l c` layout.
+        return tl.load(ptr + row_offset + frame[:, None] * stride_f + channel[None, :], mask=mask, other=0.0)
+
+    @triton.jit
+    def _rotate_pairs(x, cos, sin):
+        even, odd = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], x.shape[1] // 2, 2)))
+        return tl.reshape(tl.join(even * cos - odd * sin, odd * cos + even * sin), x.shape)
 
     @triton.jit
     def _temporal_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, cos_ptr, sin_ptr, bias_ptr,
-        n_rows, tokens,
+        tokens,
         stride_qb, stride_qf, stride_ql, stride_kb, stride_kf, stride_kl,
         stride_vb, stride_vf, stride_vl, stride_ob, stride_of, stride_ol,
         scale,
-        FRAMES: tl.constexpr, FRAMES_P2: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
-        ROTARY_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+        FRAMES: tl.constexpr, FRAMES_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+        ROTARY_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        head = tl.program_id(1)
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        # A row is one pixel of one clip, (b, l); 64-bit offsets, since a video can pass 2^31 elements.
-        clip, token = (rows // tokens).to(tl.int64), (rows % tokens).to(tl.int64)
-        q_row = clip * stride_qb + token * stride_ql
-        k_row = clip * stride_kb + token * stride_kl
-        v_row = clip * stride_vb + token * stride_vl
-        o_row = clip * stride_ob + token * stride_ol
-        frame = tl.arange(0, FRAMES_P2)
-        d = tl.arange(0, HEAD_DIM_P2)
-        row_ok = rows < n_rows
-        d_ok = d < HEAD_DIM
+        # One program (one warp): one pixel of one clip (a row), one head, every frame, as two small
+        # tensor-core dots. On an H200 this measured fastest, ahead of programs of several pixels or warps.
+        row, head = tl.program_id(0), tl.program_id(1)
+        # 64-bit offsets, since a video can pass 2^31 elements.
+        clip, token = (row // tokens).to(tl.int64), (row % tokens).to(tl.int64)
+        frame = tl.arange(0, FRAMES_PAD)
+        d = tl.arange(0, HEAD_DIM_PAD)
         channel = head * HEAD_DIM + d
-        partner = head * HEAD_DIM + (d ^ 1)
-
-        # Queries of every frame: BLOCK_N x FRAMES x HEAD_DIM, rotated by their frame's angle, pre-scaled.
-        q_mask = row_ok[:, None, None] & (frame < FRAMES)[None, :, None] & d_ok[None, None, :]
-        q_base = q_ptr + q_row[:, None, None] + frame[None, :, None] * stride_qf
-        q = tl.load(q_base + channel[None, None, :], mask=q_mask, other=0.0).to(tl.float32)
+        frame_ok = frame < FRAMES
+        mask = frame_ok[:, None] & (d < HEAD_DIM)[None, :]
+        q_row, k_row = clip * stride_qb + token * stride_ql, clip * stride_kb + token * stride_kl
+        q = _frame_tile(q_ptr, q_row, frame, stride_qf, channel, mask)
+        k = _frame_tile(k_ptr, k_row, frame, stride_kf, channel, mask)
+        v = _frame_tile(v_ptr, clip * stride_vb + token * stride_vl, frame, stride_vf, channel, mask)
         if ROTARY_DIM > 0:
-            q_partner = tl.load(q_base + partner[None, None, :], mask=q_mask, other=0.0).to(tl.float32)
-            table = frame[:, None] * ROTARY_DIM + d[None, :]
-            table_mask = (frame < FRAMES)[:, None] & (d < ROTARY_DIM)[None, :]
-            cos_q = tl.load(cos_ptr + table, mask=table_mask, other=1.0)[None, :, :]
-            sin_q = tl.load(sin_ptr + table, mask=table_mask, other=0.0)[None, :, :]
-            q = _rotate(q, q_partner, cos_q, sin_q, d[None, None, :], ROTARY_DIM)
-        q = q * scale
+            # Channel pairs (2i, 2i+1) share an angle: split each tile into its even and odd channels.
+            pair = tl.arange(0, HEAD_DIM_PAD // 2)
+            table = frame[:, None] * ROTARY_DIM + 2 * pair[None, :]
+            table_mask = frame_ok[:, None] & (2 * pair < ROTARY_DIM)[None, :]
+            cos = tl.load(cos_ptr + table, mask=table_mask, other=1.0)
+            sin = tl.load(sin_ptr + table, mask=table_mask, other=0.0)
+            q = _rotate_pairs(q, cos, sin).to(v.dtype)
+            k = _rotate_pairs(k, cos, sin).to(v.dtype)
 
-        # Online softmax over the key frames, one key frame at a time.
-        row_max = tl.full((BLOCK_N, FRAMES_P2), float("-inf"), tl.float32)
-        row_sum = tl.zeros((BLOCK_N, FRAMES_P2), tl.float32)
-        acc = tl.zeros((BLOCK_N, FRAMES_P2, HEAD_DIM_P2), tl.float32)
-        kv_mask = row_ok[:, None] & d_ok[None, :]
-        for j in range(FRAMES):
-            k_base = k_ptr + k_row[:, None] + j * stride_kf
-            k = tl.load(k_base + channel[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-            if ROTARY_DIM > 0:
-                k_partner = tl.load(k_base + partner[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-                cos_k = tl.load(cos_ptr + j * ROTARY_DIM + d, mask=d < ROTARY_DIM, other=1.0)[None, :]
-                sin_k = tl.load(sin_ptr + j * ROTARY_DIM + d, mask=d < ROTARY_DIM, other=0.0)[None, :]
-                k = _rotate(k, k_partner, cos_k, sin_k, d[None, :], ROTARY_DIM)
-            v = tl.load(v_ptr + v_row[:, None] + j * stride_vf + channel[None, :], mask=kv_mask, other=0.0)
-            score = tl.sum(q * k[:, None, :], axis=2)
-            if HAS_BIAS:
-                score += tl.load(bias_ptr + (head * FRAMES + frame) * FRAMES + j, mask=frame < FRAMES, other=0.0)[None, :]
-            new_max = tl.maximum(row_max, score)
-            correction = tl.exp(row_max - new_max)
-            weight = tl.exp(score - new_max)
-            row_sum = row_sum * correction + weight
-            acc = acc * correction[:, :, None] + weight[:, :, None] * v.to(tl.float32)[:, None, :]
-            row_max = new_max
-
-        out = acc / row_sum[:, :, None]
-        out_ptrs = out_ptr + o_row[:, None, None] + frame[None, :, None] * stride_of + channel[None, None, :]
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+        # Scores and softmax in float32; the weights meet v in its dtype, as in flash attention.
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        if HAS_BIAS:
+            entry = (head * FRAMES + frame[:, None]) * FRAMES + frame[None, :]
+            scores += tl.load(bias_ptr + entry, mask=frame_ok[:, None] & frame_ok[None, :], other=0.0)
+        scores = tl.where(frame_ok[None, :], scores, float("-inf"))
+        weights = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+        out = tl.dot(weights.to(v.dtype), v, input_precision=PRECISION) / tl.sum(weights, axis=1)[:, None]
+        o_row = clip * stride_ob + token * stride_ol
+        tl.store(out_ptr + o_row + frame[:, None] * stride_of + channel[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
     @triton.jit
@@ -203,25 +187,22 @@ def _launch(
     cos: torch.Tensor | None, sin: torch.Tensor | None, bias: torch.Tensor | None,
 ) -> torch.Tensor:
     clips, frames, tokens, channels = q.shape
-    n = clips * tokens
     head_dim = channels // heads
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty(q.shape, device=q.device, dtype=v.dtype)
-    frames_p2 = triton.next_power_of_2(frames)
-    head_dim_p2 = triton.next_power_of_2(head_dim)
-    # Keep the per-program register tile (rows x frames x head_dim, q and the accumulator) near 4K values.
-    block_n = max(1, min(16, 4096 // (frames_p2 * head_dim_p2)))
+    # Tensor-core dots need at least 16 rows, columns and depth: padding is masked, never read or written.
+    frames_pad = max(16, triton.next_power_of_2(frames))
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     rotary_dim = 0 if cos is None else cos.shape[1]
     dummy = q.new_empty(0, dtype=torch.float32)
-    grid = (triton.cdiv(n, block_n), heads)
-    _temporal_attention_kernel[grid](
+    _temporal_attention_kernel[(clips * tokens, heads)](
         q, k, v, out,
         dummy if cos is None else cos, dummy if sin is None else sin, dummy if bias is None else bias,
-        n, tokens, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        tokens, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         head_dim**-0.5,
-        FRAMES=frames, FRAMES_P2=frames_p2, HEAD_DIM=head_dim, HEAD_DIM_P2=head_dim_p2,
-        ROTARY_DIM=rotary_dim, HAS_BIAS=bias is not None, BLOCK_N=block_n,
-        num_warps=4,
+        FRAMES=frames, FRAMES_PAD=frames_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
+        ROTARY_DIM=rotary_dim, HAS_BIAS=bias is not None, PRECISION="ieee" if v.dtype == torch.float32 else "tf32",
+        num_warps=1,
     )
     return out
 
