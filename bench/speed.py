@@ -108,8 +108,11 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_stage(
-    kind: str, dtype: torch.dtype, iters: int, compile_model: bool, numerics: bool, cfg_input: str = "shared"
+    kind: str, dtype: torch.dtype, iters: int, compile_model: bool, numerics: bool, cfg_input: str = "shared",
+    official: Path | None = None,
 ) -> dict:
+    """One stage's call: speed, memory and numerics; with `official` (a Vchitect/LaVie checkout) the
+    official UNet is timed after it in the same process, on the same weights and inputs."""
     device = torch.device("cuda")
     model = random_model(kind, device)
     x, t, ctx, noise = make_inputs(kind, device, cfg_input=cfg_input)
@@ -151,13 +154,48 @@ def bench_stage(
     result["weights_gib"] = base_mem / 2**30
     with torch.no_grad():
         flops = count_flops(lambda: model(x, t, ctx, noise))  # eager: the counter does not see compiled graphs
+        out = call().float() if official is not None else None
     result["tflop_per_call"] = flops / 1e12
     result["achieved_tflops"] = flops / 1e12 / (result["ms_per_call"] / 1e3)
-    result["official_ms"] = OFFICIAL_MS[kind]
-    result["speedup_vs_official"] = OFFICIAL_MS[kind] / result["ms_per_call"]
+    weights = {k: v.cpu() for k, v in model.state_dict().items()} if official is not None else None
     del model, call_model
     torch.cuda.empty_cache()
+    result["official_ms"], result["official_source"] = OFFICIAL_MS[kind], "ANCHORS.md"
+    if official is not None:
+        result.update(bench_official(kind, dtype, iters, official, weights, out))
+    result["speedup_vs_official"] = result["official_ms"] / result["ms_per_call"]
     return result
+
+
+def bench_official(
+    kind: str, dtype: torch.dtype, iters: int, repo: Path, weights: dict[str, torch.Tensor], ours: torch.Tensor
+) -> dict:
+    """The official UNet on the same weights (this project's state dict) and inputs, the video doubled for
+    guidance as the official pipelines pass it; `rel_l2_vs_official` compares its output with `ours`."""
+    from official import load_official, official_forward
+
+    device = torch.device("cuda")
+    model = load_official(kind, repo, weights).to(device, dtype)
+    x, t, ctx, noise = make_inputs(kind, device, cfg_input="doubled")
+
+    def call():
+        with torch.no_grad():
+            return official_forward(kind, model, x, t, ctx, noise)
+
+    out = call().float()
+    # Both answer the same two (video, text) pairs in the same order, whether the video came once or twice.
+    report = {"rel_l2_vs_official": rel_l2(ours, out)}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    times = time_calls(call, iters)
+    report.update(
+        official_ms=statistics.median(times),
+        official_source="measured",
+        official_peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+    )
+    del model
+    torch.cuda.empty_cache()
+    return report
 
 
 def bench_cascade(
@@ -251,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-input", default="shared", choices=["shared", "doubled"],
                         help="video once with both texts (as the samplers call it) or twice (as the official code)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--official", type=Path, metavar="PATH",
+                        help="a Vchitect/LaVie checkout: time its UNets in the same run, on the same weights and "
+                             "inputs, and compare outputs (needs its libraries, see bench/official.py)")
     parser.add_argument("--cascade", action="store_true", help="time the whole cascade instead of single calls")
     parser.add_argument("--steps", type=int, default=50, help="sampling steps per stage (--cascade)")
     parser.add_argument("--cfg-mode", default="batched", choices=["batched", "split"], help="(--cascade)")
@@ -278,23 +319,35 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1))
         return 0
+    stages = args.stages.split(",")
+    if args.official is not None:
+        from official import missing_sources
+
+        missing = missing_sources(args.official, stages)
+        if missing:
+            print(f"--official {args.official}: not a Vchitect/LaVie checkout, missing {', '.join(missing)}", file=sys.stderr)
+            return 2
     results = []
-    for kind in args.stages.split(","):
+    for kind in stages:
         t0 = time.time()
-        r = bench_stage(kind, DTYPES[args.dtype], args.iters, args.compile, not args.no_numerics, args.cfg_input)
+        r = bench_stage(
+            kind, DTYPES[args.dtype], args.iters, args.compile, not args.no_numerics, args.cfg_input, args.official
+        )
         r["bench_s"] = time.time() - t0
         results.append(r)
         print(json.dumps(r), flush=True)
-    print(f"\n({args.cfg_input} CFG input)")
-    print("| stage | ms/call | official ms | speed-up | TFLOP/call | TFLOP/s | peak GiB | rel L2 vs fp32 | "
-          "of which weight rounding |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"\n({args.cfg_input} CFG input; official ms measured in this run, or from ANCHORS.md where marked *)")
+    print("| stage | ms/call | official ms | speed-up | TFLOP/call | TFLOP/s | peak GiB (official) | rel L2 vs fp32 | "
+          "of which weight rounding | rel L2 vs official |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     nan = float("nan")
     for r in results:
+        anchor = "" if r["official_source"] == "measured" else "*"
         print(
-            f"| {r['stage']} | {r['ms_per_call']:.1f} | {r['official_ms']} | {r['speedup_vs_official']:.2f}x | "
+            f"| {r['stage']} | {r['ms_per_call']:.1f} | {r['official_ms']:.1f}{anchor} | {r['speedup_vs_official']:.2f}x | "
             f"{r.get('tflop_per_call', nan):.1f} | {r.get('achieved_tflops', nan):.0f} | "
-            f"{r['peak_gib']:.1f} | {r.get('rel_l2_vs_fp32', nan):.1e} | {r.get('rel_l2_weights_rounded', nan):.1e} |"
+            f"{r['peak_gib']:.1f} ({r.get('official_peak_gib', nan):.1f}) | {r.get('rel_l2_vs_fp32', nan):.1e} | "
+            f"{r.get('rel_l2_weights_rounded', nan):.1e} | {r.get('rel_l2_vs_official', nan):.1e} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
