@@ -5,13 +5,14 @@ the cascade stages. Nothing here imports ComfyUI; the `nodes` package adapts it 
 """
 from .config import KINDS, UNetConfig
 from .loading import CheckpointError, detect_kind, load_unet, read_checkpoint, save_unet
-from .unet import LaVieUNet
+from .unet import LaVieUNet, compile_unet
 
 __all__ = [
     "KINDS",
     "CheckpointError",
     "LaVieUNet",
     "UNetConfig",
+    "compile_unet",
     "detect_kind",
     "load_unet",
     "read_checkpoint",

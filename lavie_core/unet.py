@@ -239,3 +239,15 @@ class LaVieUNet(nn.Module):
                 h = self.up_temporal_blocks[i](h, emb)
 
         return self.conv_out(self.conv_norm_out(h, silu=True)).contiguous()
+
+
+def compile_unet(unet: nn.Module) -> nn.Module:
+    """`torch.compile` of a UNet with static shapes: every input shape gets its own graph on first use.
+
+    A stage calls its UNet with the same shapes at every step, so nothing recompiles within a stage; a
+    new shape (frames, size, a VSR chunk, a guidance mode) compiles once more. The wrapper shares the
+    UNet's parameters, so weights moved or patched in place (device offloading, LoRA) stay in use.
+    Measured on an H200 (fp16, one guided call): base 66-72 -> 44.5 ms, interpolation 228 -> 187 ms,
+    VSR 8-frame chunk 760 -> 626 ms; compiling takes about 1 to 2 minutes per stage and shape.
+    """
+    return torch.compile(unet, dynamic=False)

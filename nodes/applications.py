@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,7 @@ class LaVieLoRALoader:
         patches = {f"diffusion_model.{name}": (delta.to(params[name].dtype),) for name, delta in deltas.items()}
         patched = _patched_clone(model.patcher, patches)
         label = f"{model.name} + {Path(lora_name).name}@{strength:g}" if model.name else lora_name
-        return LaVieModel(kind=model.kind, patcher=patched, name=label), report
+        return dataclasses.replace(model, patcher=patched, name=label), report
 
 
 # ----------------------------------------------------------------------------- long videos

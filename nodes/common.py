@@ -6,6 +6,7 @@ Input definitions are what saved workflows refer to: a node that spreads ``commo
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -150,11 +151,25 @@ def raise_if_invalid(node: str, error: bool | str) -> None:
 
 # ----------------------------------------------------------------------------- running a stage
 def run_stage(node: str, fn: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """``fn(*args, **kwargs)``, its ValueErrors turned into LaVieErrors naming ``node``."""
+    """``fn(*args, **kwargs)``, its ValueErrors and torch.compile failures turned into LaVieErrors naming ``node``."""
     try:
         return fn(*args, **kwargs)
     except ValueError as e:
         raise LaVieError(f"{node}: {e}") from None
+    except Exception as e:
+        if not _compile_failure(e):
+            raise
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise LaVieError(
+            f"{node}: torch.compile could not compile the UNet ({first_line}). Set compile to false on the "
+            "LaVie Loader to run it uncompiled."
+        ) from e
+
+
+def _compile_failure(error: BaseException) -> bool:
+    # torch._dynamo is imported by the first compiled call; without it no compile error can have occurred.
+    dynamo = sys.modules.get("torch._dynamo.exc")
+    return dynamo is not None and isinstance(error, dynamo.TorchDynamoException)
 
 
 def memory(model: LaVieModel, frames: int, h: int, w: int, cfg: float) -> int:

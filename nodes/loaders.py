@@ -77,6 +77,12 @@ class LaVieLoader:
                 "LaVie checkpoint from models/lavie/ (.safetensors, .pt, .pth or .ckpt): lavie_base, "
                 "lavie_interpolation or lavie_vsr, or the bundled lavie-tiny/*.safetensors.")}),
             **dtype_device_inputs(),
+        }, "optional": {
+            "compile": ("BOOLEAN", {"default": False, "tooltip": (
+                "Run the UNet through torch.compile. Compiled calls are 18-35% faster (H200, fp16: base 70 -> 45 "
+                "ms, VSR chunk 760 -> 626 ms), but each stage first compiles for 1-2 minutes, again for every new "
+                "shape (frames, size, VSR chunk) in a ComfyUI session: it pays off over repeated runs. Needs "
+                "Triton on the GPU.")}),
         }}
 
     @classmethod
@@ -87,7 +93,7 @@ class LaVieLoader:
             return missing_unet_message(ckpt_name)
         return True
 
-    def load(self, ckpt_name: str, dtype: str = "auto", device: str = "auto") -> tuple[LaVieModel]:
+    def load(self, ckpt_name: str, dtype: str = "auto", device: str = "auto", compile: bool = False) -> tuple[LaVieModel]:
         path = bridge.resolve_model_path(ckpt_name)
         if path is None:
             raise LaVieError(missing_unet_message(ckpt_name))
@@ -99,7 +105,7 @@ class LaVieLoader:
             raise LaVieError(f"{e} (LaVie Loader, {ckpt_name})") from None
         kind = unet.config.kind
         bridge.log.info("LaVie: loaded %s UNet from %s (%s)", kind_name(kind), path, weight_dtype)
-        return (LaVieModel(kind=kind, patcher=bridge.wrap_module(unet, device), name=ckpt_name),)
+        return (LaVieModel(kind=kind, patcher=bridge.wrap_module(unet, device), name=ckpt_name, compile=compile),)
 
 
 # ----------------------------------------------------------------------------- components

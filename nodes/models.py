@@ -15,11 +15,12 @@ the host's CLIP/VAE interface that the core nodes use.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from lavie_core import compile_unet
 from lavie_core.loading import KIND_NAMES
 from lavie_core.vae import VAEConfig
 
@@ -50,6 +51,9 @@ class LaVieModel:
     kind: str
     patcher: Any
     name: str = ""
+    # The LaVie Loader's `compile`: stages get the UNet through torch.compile.
+    compile: bool = False
+    _compiled: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -60,7 +64,13 @@ class LaVieModel:
         return self.unet.config
 
     def load(self, memory_required: int = 0) -> torch.nn.Module:
-        return bridge.load_module(self.patcher, memory_required)
+        """The UNet on its compute device, compiled if asked (once per module, so graphs are reused)."""
+        module = bridge.load_module(self.patcher, memory_required)
+        if not self.compile:
+            return module
+        if self._compiled.get("module") is not module:
+            self._compiled = {"module": module, "compiled": compile_unet(module)}
+        return self._compiled["compiled"]
 
     @property
     def device(self) -> torch.device:

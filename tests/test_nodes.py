@@ -279,6 +279,62 @@ def test_sampler_latent_follows_comfy_convention(loaded, progress_log):
     assert progress_log[-STEPS:] == [(i + 1, STEPS) for i in range(STEPS)]
 
 
+def test_compile_option_samples_through_the_compiled_unet(loaded, monkeypatch):
+    models = sub("models")
+    compiled_modules = []
+
+    def compile_with_eager_backend(module):
+        # Dynamo traces the UNet as Inductor would get it, without Inductor's C++ build (minutes on CPU).
+        compiled_modules.append(module)
+        return torch.compile(module, backend="eager", dynamic=False)
+
+    monkeypatch.setattr(models, "compile_unet", compile_with_eager_backend)
+    model = sub("loaders").LaVieLoader().load("test-tiny/base.safetensors", "auto", "auto", compile=True)[0]
+    unet = model.load()
+    assert model.compile and isinstance(unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert unet._orig_mod is model.unet and model.load() is unet  # compiled once, around the managed module
+    samples = sub("sampling").LaVieSampler().sample(
+        model, loaded["pos"], loaded["neg"], FRAMES, SIZE, SIZE, STEPS, 7.5, "ddim", "auto", 3)[0]["samples"]
+    torch.testing.assert_close(samples, base_latent(loaded, seed=3)["samples"])
+    assert compiled_modules == [model.unet]
+    assert not loaded["base"].compile and loaded["base"].load() is loaded["base"].unet
+
+
+def test_lora_keeps_the_compile_choice_with_a_cache_of_its_own(loaded, models_dir):
+    from safetensors.torch import save_file
+
+    (models_dir / "loras").mkdir(exist_ok=True)
+    prefix = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    g = torch.Generator().manual_seed(0)
+    save_file({f"{prefix}.lora_down.weight": torch.randn(2, 32, generator=g),
+               f"{prefix}.lora_up.weight": torch.randn(32, 2, generator=g)}, str(models_dir / "loras" / "tiny_q.safetensors"))
+    import folder_paths
+
+    getattr(folder_paths, "filename_list_cache", {}).pop("lavie", None)
+    model = sub("loaders").LaVieLoader().load("test-tiny/base.safetensors", "auto", "auto", compile=True)[0]
+    model._compiled["module"] = model.unet  # as after a compiled run
+    patched, report = sub("applications").LaVieLoRALoader().apply(model, "loras/tiny_q.safetensors", 1.0)
+    assert report.endswith("1 UNet modules patched") and patched.patcher is not model.patcher
+    assert patched.compile and patched._compiled == {} and patched.kind == "base"
+
+
+def test_compile_failure_names_the_node_and_the_remedy(pack):
+    import torch._dynamo.exc
+
+    def fails():
+        raise torch._dynamo.exc.TorchDynamoException("Cannot find a working triton installation\nmore detail")
+
+    with pytest.raises(sub("models").LaVieError, match=r"LaVie Sampler: torch.compile could not compile the UNet "
+                       r"\(Cannot find a working triton installation\)\. Set compile to false on the LaVie Loader"):
+        sub("common").run_stage("LaVie Sampler", fails)
+
+    def other_failure():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        sub("common").run_stage("LaVie Sampler", other_failure)
+
+
 def test_step_previews_follow_the_host_setting(loaded):
     import comfy.utils
     from comfy.cli_args import LatentPreviewMethod, args

@@ -279,3 +279,13 @@ def test_the_unet_traces_as_one_graph(kind):
     traced = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(traced(x, t, ctx, noise), model(x, t, ctx, noise))
+
+
+def test_compile_unet_wraps_the_same_module_without_compiling_yet():
+    from lavie_core import compile_unet
+
+    model = tiny_model("base")
+    compiled = compile_unet(model)  # Inductor compiles on the first call only (minutes on CPU: not made here)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is model
+    assert [id(p) for p in compiled.parameters()] == [id(p) for p in model.parameters()]
+    assert compiled.config is model.config
