@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lavie_core import UNetConfig  # noqa: E402
 
-STAGE_DIRS = {"base": "base", "interpolation": "interpolation", "vsr": "vsr"}
 CLASS_NAMES = {"base": "UNet3DConditionModel", "interpolation": "UNet3DConditionModel", "vsr": "UNet3DVSRModel"}
 REQUIREMENTS = "diffusers==0.16.0 'huggingface_hub<0.26' einops rotary-embedding-torch torchvision, without a newer transformers"
 
@@ -30,7 +29,8 @@ REQUIREMENTS = "diffusers==0.16.0 'huggingface_hub<0.26' einops rotary-embedding
 def missing_sources(repo: str | Path, stages: list[str]) -> list[str]:
     """The files of the official checkout at `repo` that `stages` need and that are not there."""
     repo = Path(repo)
-    needed = [repo / STAGE_DIRS[kind] / "models" / "unet.py" for kind in stages]
+    # Each stage's code lives in a folder named after it.
+    needed = [repo / kind / "models" / "unet.py" for kind in stages]
     if "vsr" in stages:
         needed.append(repo / "vsr" / "configs" / "unet_3d_config.json")
     return [str(path) for path in needed if not path.is_file()]
@@ -58,8 +58,6 @@ def official_config(cfg: UNetConfig, repo: Path) -> dict:
     )
     if cfg.kind == "vsr":
         path = repo / "vsr" / "configs" / "unet_3d_config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: is {repo} a checkout of Vchitect/LaVie?")
         config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
         return {
             **config,
@@ -88,11 +86,8 @@ def _import_official(kind: str, repo: Path):
     The three stages each ship a package named `models`, so each import gets a clean slate and leaves
     sys.path and sys.modules as they were.
     """
-    stage_dir = repo / STAGE_DIRS[kind]
+    stage_dir = repo / kind
     source = stage_dir / "models" / "unet.py"
-    if not source.is_file():
-        raise FileNotFoundError(f"{source} is missing: is {repo} a checkout of Vchitect/LaVie?")
-
     def ours(name: str) -> bool:
         return name == "models" or name.startswith("models.")
 
@@ -120,6 +115,9 @@ def load_official(kind: str, repo: str | Path, weights: dict[str, torch.Tensor],
     """The official UNet of `kind` from the checkout at `repo`, holding `weights` (this project's state dict)."""
     repo = Path(repo)
     cfg = cfg or UNetConfig.preset(kind)
+    missing = missing_sources(repo, [kind])
+    if missing:
+        raise FileNotFoundError(f"{missing[0]} is missing: is {repo} a checkout of Vchitect/LaVie?")
     module = _import_official(kind, repo)
     model = getattr(module, CLASS_NAMES[kind]).from_config(official_config(cfg, repo))
     missing, unexpected = model.load_state_dict(weights, strict=False)

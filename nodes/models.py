@@ -53,7 +53,7 @@ class LaVieModel:
     name: str = ""
     # The LaVie Loader's `compile`: stages get the UNet through torch.compile.
     compile: bool = False
-    _compiled: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _compiled: torch.nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def unet(self) -> torch.nn.Module:
@@ -68,9 +68,9 @@ class LaVieModel:
         module = bridge.load_module(self.patcher, memory_required)
         if not self.compile:
             return module
-        if self._compiled.get("module") is not module:
-            self._compiled = {"module": module, "compiled": compile_unet(module)}
-        return self._compiled["compiled"]
+        if self._compiled is None or self._compiled._orig_mod is not module:
+            self._compiled = compile_unet(module)
+        return self._compiled
 
     @property
     def device(self) -> torch.device:

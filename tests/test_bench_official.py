@@ -39,7 +39,7 @@ class {name}(nn.Module):
 
 def fake_checkout(root: Path, kinds=("base", "interpolation", "vsr"), unet_source: str | None = None) -> Path:
     for kind in kinds:
-        package = root / official.STAGE_DIRS[kind] / "models"
+        package = root / kind / "models"
         package.mkdir(parents=True, exist_ok=True)
         (package / "__init__.py").write_text("")
         (package / "unet.py").write_text(unet_source or FAKE_UNET.format(name=official.CLASS_NAMES[kind]))

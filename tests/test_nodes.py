@@ -312,10 +312,10 @@ def test_lora_keeps_the_compile_choice_with_a_cache_of_its_own(loaded, models_di
 
     getattr(folder_paths, "filename_list_cache", {}).pop("lavie", None)
     model = sub("loaders").LaVieLoader().load("test-tiny/base.safetensors", "auto", "auto", compile=True)[0]
-    model._compiled["module"] = model.unet  # as after a compiled run
+    model._compiled = torch.compile(model.unet, backend="eager")  # as after a compiled run (not called: no tracing)
     patched, report = sub("applications").LaVieLoRALoader().apply(model, "loras/tiny_q.safetensors", 1.0)
     assert report.endswith("1 UNet modules patched") and patched.patcher is not model.patcher
-    assert patched.compile and patched._compiled == {} and patched.kind == "base"
+    assert patched.compile and patched._compiled is None and patched.kind == "base"
 
 
 def test_compile_failure_names_the_node_and_the_remedy(pack):
