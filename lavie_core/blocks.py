@@ -374,6 +374,15 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * inner)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.proj.weight, self.proj.bias
+        half = x.dtype in (torch.float16, torch.bfloat16) and all(
+            p is not None and p.dtype == x.dtype and p.device == x.device for p in (w, b)
+        )
+        if half and fused.kernels_usable(x) and not (torch.is_grad_enabled() and w.requires_grad):
+            # One kernel, and the 2x-wide product never reaches memory. On an H200 it lowers the peaks
+            # (compiled VSR call 14.7 -> 13.3 GiB, interpolation 5.2 -> 3.9) and the eager time (VSR
+            # 753 -> 720 ms); compiled calls take the same time as cuBLAS plus Inductor's fused GELU.
+            return fused.geglu(x, w, b)
         h, gate = self.proj(x).chunk(2, dim=-1)
         return h * F.gelu(gate)
 

@@ -615,8 +615,10 @@ def estimate_unet_memory(
     on the way up ``W_i = max(C_i, C_{i+1})`` channels arrive from the level below (the VSR UNet runs a
     512-channel temporal module at full resolution) and ``U_i = C_i + W_i`` enter after the skip is
     concatenated. Weights are not included. Against peaks measured on an H200 (fp16, eager, guidance
-    batched, paper sizes) it is within 5%: base 1.10 GiB measured, interpolation 4.19, VSR 8-frame chunk
-    17.55 (`python bench/speed.py`, peak minus weights).
+    batched, paper sizes, the GEGLU product written out as plain torch does) it is within 5%: base 1.10 GiB
+    measured, interpolation 4.19, VSR 8-frame chunk 17.55 (`python bench/speed.py`, peak minus weights).
+    On NVIDIA GPUs in half precision the fused GEGLU kernel never writes that product, and the measured
+    peaks are lower (base 0.58 GiB, VSR chunk 14.5); the estimate stays an upper bound there.
     """
     int_at_least("frames", frames, 1)
     int_at_least("height", height, 1)

@@ -1,4 +1,4 @@
-"""Fused kernels against plain torch, case by case (temporal attention, GroupNorm passes); prints one JSON line per case.
+"""Fused kernels against plain torch, case by case (temporal attention, GroupNorm passes, GEGLU); prints one JSON line per case.
 
 Run as a script (tests/test_fused.py does, with TRITON_INTERPRET=1 on the CPU) or imported on CUDA.
 """
@@ -75,11 +75,38 @@ def norm_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     return max(sums_error, ((out.float() - expected).abs() / expected.abs().clamp(min=1)).max().item())
 
 
-ALL_CASES = [*CASES, *NORM_CASES]
+# The GEGLU projection. id: (leading shape of x, width k, inner n, launch config or None for the default);
+# the small tiles leave partial row, column and depth blocks, and the default configurations are the ones
+# the models run (narrow and wide).
+GEGLU_CASES = {
+    "geglu-partial-tiles": ((37,), 40, 24, (16, 16, 16, 2, 1, 1)),
+    "geglu-narrow-default": ((3, 5), 32, 16, None),
+    "geglu-wide-default": ((2, 10), 512, 40, None),
+}
+
+
+def geglu_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Error relative to the magnitude (at least 1), against float32 arithmetic on the same half inputs."""
+    lead, k, n, config = GEGLU_CASES[case]
+    dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16  # the kernel takes half types
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*lead, k, generator=g).to(device, dtype)
+    weight = (torch.randn(2 * n, k, generator=g) / k**0.5).to(device, dtype)
+    bias = torch.randn(2 * n, generator=g).to(device, dtype)
+    value, gate = torch.nn.functional.linear(x.float(), weight.float(), bias.float()).chunk(2, dim=-1)
+    expected = value * torch.nn.functional.gelu(gate)
+    out = fused.geglu(x, weight, bias) if config is None else fused._launch_geglu(x, weight, bias, config)
+    assert out.shape == (*lead, n) and out.dtype == dtype
+    return ((out.float() - expected).abs() / expected.abs().clamp(min=1)).max().item()
+
+
+ALL_CASES = [*CASES, *NORM_CASES, *GEGLU_CASES]
 
 
 def case_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
     """The error of whichever kernel `case` belongs to."""
+    if case in GEGLU_CASES:
+        return geglu_max_error(case, device, dtype)
     return (norm_max_error if case in NORM_CASES else max_error)(case, device, dtype)
 
 
