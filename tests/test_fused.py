@@ -164,10 +164,33 @@ def test_feed_forward_takes_the_geglu_kernel_for_half_types_only(dtype, monkeypa
     with torch.no_grad():
         out = ff(x)
     assert len(calls) == (dtype != torch.float32)
+    with torch.enable_grad():
+        ff(x).sum().backward()  # trainable weights: the torch path, which has a backward
+    assert len(calls) == (dtype != torch.float32)
     monkeypatch.setattr(fused, "kernels_usable", lambda *_: False)
     with torch.no_grad():
         ref = ff(x)
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
-    with torch.enable_grad():
-        ff(x)  # trainable weights: the torch path, which has a backward
-    assert len(calls) == (dtype != torch.float32)
+
+
+@pytest.mark.parametrize(
+    "dtype,grad,expected",
+    [
+        pytest.param(torch.float16, False, True, id="fp16"),
+        pytest.param(torch.bfloat16, False, True, id="bf16"),
+        pytest.param(torch.float32, False, False, id="fp32-torch-path"),
+        pytest.param(torch.float16, True, False, id="trainable-torch-path"),
+    ],
+)
+def test_geglu_dispatch(monkeypatch, dtype, grad, expected):
+    # Which path GEGLU takes, with the kernel replaced by a recorder (runs without a GPU).
+    geglu = blocks.GEGLU(8, 4).to(dtype)
+    x = torch.randn(3, 8).to(dtype)
+    calls = []
+    monkeypatch.setattr(fused, "kernels_usable", lambda *_: True)
+    monkeypatch.setattr(fused, "geglu", lambda x, w, b: calls.append((w, b)) or x.new_zeros(*x.shape[:-1], 4))
+    with torch.set_grad_enabled(grad):
+        out = geglu(x)
+    assert len(calls) == expected and out.shape == (3, 4)
+    if expected:
+        assert calls[0][0] is geglu.proj.weight and calls[0][1] is geglu.proj.bias
