@@ -15,6 +15,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from speed import DTYPES, make_inputs, random_model, time_calls  # noqa: E402
 
+from lavie_core import compile_unet  # noqa: E402  (speed.py puts the project root on sys.path)
+
 
 def kernel_kind(name: str) -> str:
     """Coarse class of a CUDA kernel from its name (cuDNN, cuBLAS/nvjet, flash/cuDNN SDPA, Inductor)."""
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     x, t, ctx, noise = make_inputs(args.stage, device, cfg_input=args.cfg_input)
     if args.frames:
         x = x[:, :, : args.frames]
-    fn = torch.compile(model) if args.compile else model
+    fn = compile_unet(model) if args.compile else model
     with torch.no_grad():
         times = time_calls(lambda: fn(x, t, ctx, noise), iters=3)
         print(f"{args.stage} frames={x.shape[2]} compile={args.compile}: {min(times):.1f} ms/call")

@@ -128,7 +128,7 @@ def bench_stage(
         with torch.no_grad():
             result["rel_l2_weights_rounded"] = rel_l2(model.float()(x, t, ctx, noise), ref)
         model = model.to(dtype)
-    call_model = torch.compile(model) if compile_model else model
+    call_model = compile_unet(model) if compile_model else model
 
     def call():
         with torch.no_grad():

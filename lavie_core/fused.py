@@ -159,8 +159,8 @@ if triton is not None:
         x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om,
         K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
-        # K (the model width) is a compile-time constant: a few values per model, and full K blocks load unmasked.
-        # Two accumulators per tile, the value half (weight rows n) and the gate half (rows N + n) of the
+        # K (the model width) is a compile-time constant: a few values per model, and Triton's interpreter
+        # needs a constant loop bound. Two accumulators per tile, the value half (weight rows n) and the gate half (rows N + n) of the
         # projection, so the `2N`-wide product never reaches memory: only `value * gelu(gate)` is stored.
         pid = tl.program_id(0)
         blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -173,7 +173,7 @@ if triton is not None:
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
-        # Edge rows and columns read valid (wrapped) data and are not stored, which keeps loads unmasked.
+        # Edge rows and columns read valid (wrapped) data and are not stored, so only depth is masked.
         x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
         w_cols = w_ptr + (rn % N)[None, :] * stride_wn
         acc_value = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
@@ -222,8 +222,6 @@ def _launch_scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
         SILU=silu, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return out
-
-
 
 
 def _geglu_config(k: int) -> tuple[int, int, int, int, int, int]:
@@ -312,7 +310,6 @@ if _CUSTOM_OPS:
     @_geglu_op.register_fake
     def _(x, weight, bias):
         return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))
-
 
 
 def _require_kernels(name: str) -> None:
