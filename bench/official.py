@@ -135,8 +135,11 @@ def official_forward(
     """One call with this project's UNet arguments, passed as the official pipelines pass them.
 
     VSR's `x` is `[latent 4, low-res RGB 3]` on channels; the official model takes the low-res video
-    apart and the noise level as `class_labels`.
+    apart and the noise level as `class_labels`. Inputs come in the model's dtype, as the official pipelines
+    hand them over (its layers do not cast them).
     """
+    dtype = next(model.parameters()).dtype
+    x, ctx = x.to(dtype), ctx.to(dtype)
     if kind == "vsr":
         return model(x[:, :4], t, x[:, 4:], encoder_hidden_states=ctx, class_labels=noise).sample
     return model(x, t, encoder_hidden_states=ctx).sample

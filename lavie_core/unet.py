@@ -247,8 +247,8 @@ def compile_unet(unet: nn.Module) -> nn.Module:
     A stage calls its UNet with the same shapes at every step, so nothing recompiles within a stage; a
     new shape (frames, size, a VSR chunk, a guidance mode) compiles once more. The wrapper shares the
     UNet's parameters, so weights moved or patched in place (device offloading, LoRA) stay in use.
-    Measured on an H200 (fp16, one guided call), eager against compiled: base 71-77 -> 45.5 ms,
-    interpolation 228 -> 188 ms, VSR 8-frame chunk 720 -> 628 ms (the eager interpolation figure predates
+    Measured on an H200 (fp16, one guided call), eager against compiled: base 68 -> 42.6 ms,
+    interpolation 228 -> 188 ms, VSR 8-frame chunk 712 -> 606 ms (the eager interpolation figure predates
     the fused GEGLU kernel). Compiling takes about 1 to 2 minutes per stage and shape.
     """
     return torch.compile(unet, dynamic=False)

@@ -12,9 +12,11 @@ import json
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "bench"))
@@ -125,6 +127,33 @@ def test_import_failure_names_the_cause_and_the_requirements(tmp_path, source, c
 def test_not_a_checkout(tmp_path):
     with pytest.raises(FileNotFoundError, match="base/models/unet.py is missing: is .* a checkout of Vchitect/LaVie"):
         official.load_official("base", tmp_path, {})
+
+
+class RecordingUNet(nn.Module):
+    """Stands in for an official UNet held in `dtype`: records what `official_forward` hands it."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1, dtype=dtype))
+
+    def forward(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+        return SimpleNamespace(sample=args[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("kind", ["base", "vsr"])
+def test_official_forward_hands_inputs_over_in_the_model_dtype_and_layout(kind, dtype):
+    cfg = UNetConfig.preset(kind)
+    model = RecordingUNet(dtype)
+    x, ctx = torch.randn(2, cfg.in_channels, 3, 4, 6), torch.randn(2, 77, cfg.cross_attention_dim)
+    noise = torch.tensor([50, 50]) if kind == "vsr" else None
+    official.official_forward(kind, model, x, torch.tensor([500, 500]), ctx, noise)
+    videos = [model.args[0], model.args[2]] if kind == "vsr" else [model.args[0]]
+    assert [v.shape[1] for v in videos] == ([4, 3] if kind == "vsr" else [4])
+    assert {v.dtype for v in videos} | {model.kwargs["encoder_hidden_states"].dtype} == {dtype}
+    if kind == "vsr":
+        assert model.kwargs["class_labels"] is noise
 
 
 OFFICIAL = os.environ.get("LAVIE_OFFICIAL")

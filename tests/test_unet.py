@@ -110,6 +110,21 @@ def test_sparse_causal_attention_looks_only_backwards():
     assert not torch.allclose(changed[3], ref[3]) and torch.equal(changed[1], ref[1])
 
 
+@pytest.mark.parametrize("module", ["attn1", "attn_temp"], ids=["spatial", "temporal"])
+def test_self_attention_projects_q_k_v_in_one_matmul_with_the_current_weights(module):
+    """One matmul gives what the three projections give, and a weight changed in place (as LoRA patches
+    are) is used at the next call, not a concatenation cached before it."""
+    attn = getattr(next(m for m in tiny_model("base").modules() if hasattr(m, "attn_temp")), module)
+    x = torch.randn(3, 5, attn.to_q.in_features)
+    for _ in range(2):
+        fused = attn.project(x)
+        separate = (attn.to_q(x), attn.to_k(x), attn.to_v(x))
+        for got, want in zip(fused, separate):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            attn.to_k.weight.add_(torch.randn_like(attn.to_k.weight))
+
+
 def test_relative_position_buckets_match_t5_layout():
     rel = RelativePositionBias(heads=8, num_buckets=32, max_distance=32)
     b = rel.buckets(40, torch.device("cpu"))
