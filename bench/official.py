@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lavie_core import UNetConfig  # noqa: E402
 
 CLASS_NAMES = {"base": "UNet3DConditionModel", "interpolation": "UNet3DConditionModel", "vsr": "UNet3DVSRModel"}
-REQUIREMENTS = "diffusers==0.16.0 'huggingface_hub<0.26' einops rotary-embedding-torch torchvision, without a newer transformers"
+REQUIREMENTS = "diffusers==0.16.0 'huggingface_hub<0.26' einops rotary-embedding-torch torchvision, without a newer transformers or jax"
 
 
 def missing_sources(repo: str | Path, stages: list[str]) -> list[str]:
