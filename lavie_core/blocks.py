@@ -326,8 +326,8 @@ class TemporalAttention(Attention):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         frames = x.shape[1]
         bias = self.time_rel_pos_bias(frames, x.device) if hasattr(self, "time_rel_pos_bias") else None
-        # The kernel reads q, k and v through strides, so one projection serves it; the paths below regroup
-        # them, which is faster from separate products.
+        # The kernel reads q, k and v through strides, so one projection serves it. The paths below regroup
+        # them; the interpolation model, which takes them, ran slower eagerly with views of one product.
         q, k, v = self.project(x) if fused.available(x, frames) else (self.to_q(x), self.to_k(x), self.to_v(x))
         # Checked on q, which needs a gradient whenever these weights are trained (the kernel has no backward).
         if fused.available(q, frames):

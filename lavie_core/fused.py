@@ -160,8 +160,9 @@ if triton is not None:
         K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):
         # K (the model width) is a compile-time constant: a few values per model, and Triton's interpreter
-        # needs a constant loop bound. Two accumulators per tile, the value half (weight rows n) and the gate half (rows N + n) of the
-        # projection, so the `2N`-wide product never reaches memory: only `value * gelu(gate)` is stored.
+        # needs a constant loop bound. Two accumulators per tile, the value half (weight rows n) and the gate
+        # half (rows N + n) of the projection, so the `2N`-wide product never reaches memory: only
+        # `value * gelu(gate)` is stored.
         pid = tl.program_id(0)
         blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         # Programs in groups of GROUP_M row blocks sweep the columns together, so x tiles stay in L2.
