@@ -117,9 +117,9 @@ def test_self_attention_projects_q_k_v_in_one_matmul_with_the_current_weights(mo
     attn = getattr(next(m for m in tiny_model("base").modules() if hasattr(m, "attn_temp")), module)
     x = torch.randn(3, 5, attn.to_q.in_features)
     for _ in range(2):
-        fused = attn.project(x)
+        one_matmul = attn.project(x)
         separate = (attn.to_q(x), attn.to_k(x), attn.to_v(x))
-        for got, want in zip(fused, separate):
+        for got, want in zip(one_matmul, separate):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         with torch.no_grad():
             attn.to_k.weight.add_(torch.randn_like(attn.to_k.weight))
