@@ -171,6 +171,49 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
+def _phase_fold(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`(p q a b) (y x)`: which taps of a 3x3 kernel sum into tap (a, b) of output phase (p, q).
+
+    Output row 2i + p of a 3x3 convolution on a nearest-upsampled image reads input rows (i - 1, i, i) for
+    p = 0 and (i, i, i + 1) for p = 1, so the kernel's rows (y) fold onto two taps (a), and columns alike.
+    Built on the device from an identity: a table copied from the host would wait for the GPU's queue.
+    """
+    e = torch.eye(3, device=device, dtype=dtype)
+    fold = torch.stack([e[0], e[1] + e[2], e[0] + e[1], e[2]])  # (p a) y
+    return rearrange(torch.kron(fold, fold), "(p a q b) yx -> (p q a b) yx", p=2, a=2, q=2)
+
+
+def upsample_conv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 kernel `o i 3 3` as the 2x2 kernels `(p q o) i 2 2` of the four output phases (row p, column q),
+    channels-last. One matmul does the sums, so each folded tap is rounded once (from float32 sums on GPUs)."""
+    taps = rearrange(weight, "o i y x -> o (y x) i")  # a view of channels-last weights
+    k = torch.matmul(_phase_fold(weight.device, weight.dtype), taps)
+    return rearrange(k, "o (p q a b) i -> (p q o) a b i", p=2, q=2, a=2).permute(0, 3, 1, 2)
+
+
+def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """`conv(nearest_upsample_2x(x))` for images `n c h w`, computed at the input's size.
+
+    `conv` is a 3x3 convolution with padding 1. Each output phase (even/odd row, even/odd column) is a 2x2
+    convolution of the input, so one 2x2 convolution with four times the output channels does the work in
+    16 multiply-adds per output pixel and channel instead of 36, and the upsampled input is never written.
+    The kernels are folded from `conv.weight` at every call, so weights patched in place (LoRA) are used.
+    """
+    n, _, h, w = x.shape
+    o = conv.out_channels
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    weight = upsample_conv_weight(conv.weight).contiguous(memory_format=fmt)
+    bias = conv.bias.repeat(4) if conv.bias is not None else None
+    # Padding 1 with a 2x2 kernel gives (h + 1) x (w + 1) positions; phase (p, q) reads those from (p, q) on.
+    y = F.conv2d(x, weight, bias, padding=1).view(n, 2, 2, o, h + 1, w + 1)
+    out = torch.empty(n, o, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=fmt)
+    phases = out.view(n, o, h, 2, w, 2)
+    for p in range(2):
+        for q in range(2):
+            phases[:, :, :, p, :, q].copy_(y[:, p, q, :, p : p + h, q : q + w])
+    return out
+
+
 class Upsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
@@ -179,8 +222,11 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         # Sized by the skip connection it meets, so latents not divisible by the total stride still line up.
         f = x.shape[2]
-        x = F.interpolate(rearrange(x, "b c f h w -> (b f) c h w"), size=size, mode="nearest")
-        return self.conv(rearrange(x, "(b f) c h w -> b c f h w", f=f))
+        frames = rearrange(x, "b c f h w -> (b f) c h w")
+        if tuple(size) == (2 * x.shape[-2], 2 * x.shape[-1]):
+            return rearrange(upsample_conv(frames, self.conv), "(b f) c h w -> b c f h w", f=f)
+        frames = F.interpolate(frames, size=size, mode="nearest")
+        return self.conv(rearrange(frames, "(b f) c h w -> b c f h w", f=f))
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -618,7 +618,8 @@ def estimate_unet_memory(
     batched, paper sizes, the GEGLU product written out as plain torch does) it is within 5%: base 1.10 GiB
     measured, interpolation 4.19, VSR 8-frame chunk 17.55 (`python bench/speed.py`, peak minus weights).
     On NVIDIA GPUs in half precision the fused GEGLU kernel never writes that product, and the measured
-    peaks are lower (base 0.58 GiB, VSR chunk 14.5); the estimate stays an upper bound there.
+    peaks are lower (base 0.58 GiB; VSR chunk 9.7, whose full-resolution levels also run one sample at a
+    time); the estimate stays an upper bound there.
     """
     int_at_least("frames", frames, 1)
     int_at_least("height", height, 1)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from .blocks import upsample_conv
+
 __all__ = [
     "VAEConfig",
     "AutoencoderKL",
@@ -132,7 +134,7 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return upsample_conv(x, self.conv)
 
 
 class SpatialSelfAttention(nn.Module):

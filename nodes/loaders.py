@@ -80,7 +80,7 @@ class LaVieLoader:
         }, "optional": {
             "compile": ("BOOLEAN", {"default": False, "tooltip": (
                 "Run the UNet through torch.compile. A compiled call takes about a seventh (VSR and "
-                "interpolation) or a third (base) less time on an H200, but each stage first compiles for 1-2 "
+                "interpolation) or a third (base) less time on an H200, but each stage first compiles for 1-3 "
                 "minutes, again for every new shape (frames, size, VSR chunk) in a ComfyUI session: it pays off "
                 "over repeated runs. Needs Triton on the GPU.")}),
         }}

@@ -7,6 +7,7 @@ from einops import rearrange
 
 from ckpt_factory import FIXTURES, random_state_dict_for
 from lavie_core import LaVieUNet, UNetConfig, blocks
+from lavie_core import unet as unet_module
 from lavie_core.blocks import RelativePositionBias, RotaryEmbedding, TemporalAttention, sparse_causal_attention
 
 KINDS = ["base", "interpolation", "vsr"]
@@ -125,6 +126,38 @@ def test_self_attention_projects_q_k_v_in_one_matmul_with_the_current_weights(mo
             attn.to_k.weight.add_(torch.randn_like(attn.to_k.weight))
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6), (1, 4, 1, 1), (3, 2, 5, 3)], ids=["4x6", "1x1", "5x3"])
+def test_upsample_conv_equals_convolving_the_nearest_upsampled_image(shape, bias, layout):
+    n, c, h, w = shape
+    conv = torch.nn.Conv2d(c, 5, 3, padding=1, bias=bias).double()
+    x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=layout)
+    want = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+    got = blocks.upsample_conv(x, conv)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    # A 1x1 image is both layouts at once; it stays channels-last, as the UNet runs.
+    assert got.is_contiguous(memory_format=torch.channels_last if h * w == 1 else layout)
+
+
+@pytest.mark.parametrize("size", [(8, 12), (7, 11)], ids=["twice", "skip-sized"])
+def test_unet_upsample_uses_the_current_weights_at_any_skip_size(size):
+    """Both paths (phase convolutions at exactly twice the size, upsampling otherwise) equal the plain
+    upsample-then-convolve, also after the weights change in place as LoRA patches change them."""
+    up = blocks.Upsample(4).double()
+    x = torch.randn(2, 4, 3, 4, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+    for _ in range(2):
+        frames = rearrange(x, "b c f h w -> (b f) c h w")
+        plain = torch.nn.functional.conv2d(
+            torch.nn.functional.interpolate(frames, size=size, mode="nearest"), up.conv.weight, up.conv.bias, padding=1
+        )
+        got = up(x, size)
+        torch.testing.assert_close(got, rearrange(plain, "(b f) c h w -> b c f h w", b=2), rtol=0, atol=1e-12)
+        assert got.is_contiguous(memory_format=torch.channels_last_3d)
+        with torch.no_grad():
+            up.conv.weight.add_(torch.randn_like(up.conv.weight))
+
+
 def test_relative_position_buckets_match_t5_layout():
     rel = RelativePositionBias(heads=8, num_buckets=32, max_distance=32)
     b = rel.buckets(40, torch.device("cpu"))
@@ -170,6 +203,21 @@ def test_several_contexts_per_sample_equal_the_repeated_batch(kind, groups):
     assert shared.shape == repeated.shape == (groups * 2, 4, 3, 8, 8)
     torch.testing.assert_close(shared, repeated, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(shared[:2], shared[2:4], atol=1e-3)  # the contexts still matter
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_large_upper_levels_run_one_sample_at_a_time_with_the_same_result(kind, monkeypatch):
+    model = tiny_model(kind)
+    x, t, ctx, noise = inputs(model, 2, 3, 8, 8)
+    ctx = torch.cat([ctx, -ctx])  # guidance: two texts per video, four samples from the upper levels on
+    batches = []
+    model.conv_out.register_forward_hook(lambda module, args, out: batches.append(args[0].shape[0]))
+    with torch.no_grad():
+        whole = model(x, t, ctx, noise)
+        monkeypatch.setattr(unet_module, "SPLIT_BATCH_MIN_NUMEL", 1)
+        split = model(x, t, ctx, noise)
+    assert batches == [4, 1, 1, 1, 1]
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
