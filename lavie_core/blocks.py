@@ -186,7 +186,9 @@ def _phase_fold(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 def upsample_conv_weight(weight: torch.Tensor) -> torch.Tensor:
     """A 3x3 kernel `o i 3 3` as the 2x2 kernels `(p q o) i 2 2` of the four output phases (row p, column q),
     channels-last. One matmul does the sums, so each folded tap is rounded once (from float32 sums on GPUs)."""
-    taps = rearrange(weight, "o i y x -> o (y x) i")  # a view of channels-last weights
+    # o i y x -> o (y x) i, a view of channels-last weights. Not through einops: its first sight of a
+    # Parameter type inside a compiled call changes a global that torch.compile guards on (one recompile).
+    taps = weight.flatten(2).transpose(1, 2)
     k = torch.matmul(_phase_fold(weight.device, weight.dtype), taps)
     return rearrange(k, "o (p q a b) i -> (p q o) a b i", p=2, q=2, a=2).permute(0, 3, 1, 2)
 
@@ -366,7 +368,7 @@ class TemporalAttention(Attention):
         regrouped matmuls) but not under torch.compile, where the regrouped path measured faster (187
         against 193 ms).
         """
-        sdpa = self.plain and x.is_cuda and not torch.compiler.is_compiling()
+        sdpa = self.plain and fused.is_cuda(x) and not torch.compiler.is_compiling()
         return fused.available(x, frames) or sdpa
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:

@@ -20,6 +20,10 @@ training and CPU inference take the torch paths in `blocks`.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import torch
 
 try:
@@ -28,7 +32,10 @@ try:
 except ImportError:  # CPU-only installs; callers check `available()`
     triton = None
 
-__all__ = ["available", "kernels_usable", "temporal_attention", "channel_sums", "scale_shift", "geglu", "MAX_FRAMES"]
+__all__ = [
+    "available", "kernels_available", "kernels_usable", "is_cuda", "meta_as_cuda",
+    "temporal_attention", "channel_sums", "scale_shift", "geglu", "MAX_FRAMES",
+]
 
 # A program holds `frames x head_dim` tiles of q, k, v and the output in one warp's registers, measured at
 # 8 and 16 frames (VSR, base). The interpolation model's 61 frames take SDPA or the matmul path instead.
@@ -39,15 +46,40 @@ MAX_FRAMES = 32
 _CUSTOM_OPS = hasattr(torch.library, "custom_op")
 
 
+_META_AS_CUDA: contextvars.ContextVar[bool | None] = contextvars.ContextVar("lavie_meta_as_cuda", default=None)
+
+
+@contextlib.contextmanager
+def meta_as_cuda(*, kernels: bool = True) -> Iterator[None]:
+    """Within it, meta tensors take the CUDA paths, with or without this module's kernels (which then return
+    shape-only outputs): a memory trace of a CUDA call (`lavie_core.memory`) on any machine. Local to the
+    thread or task."""
+    token = _META_AS_CUDA.set(kernels)
+    try:
+        yield
+    finally:
+        _META_AS_CUDA.reset(token)
+
+
+def is_cuda(x: torch.Tensor) -> bool:
+    """`x.is_cuda`, or a meta tensor inside `meta_as_cuda`."""
+    return x.is_cuda or (x.is_meta and _META_AS_CUDA.get() is not None)
+
+
+def kernels_available(device: torch.device | str) -> bool:
+    """Whether this module's kernels run on `device`: an NVIDIA GPU, with Triton and torch >= 2.4 installed."""
+    device = torch.device(device)
+    return triton is not None and _CUSTOM_OPS and device.type == "cuda" and torch.version.hip is None
+
+
 def kernels_usable(x: torch.Tensor) -> bool:
-    """Whether this module's kernels can take x: NVIDIA GPU, Triton present, no gradient needed (no backward)."""
-    return (
-        triton is not None
-        and _CUSTOM_OPS
-        and x.is_cuda
-        and torch.version.hip is None  # measured and tested on NVIDIA only
-        and not (torch.is_grad_enabled() and x.requires_grad)
-    )
+    """Whether this module's kernels can take x: `kernels_available` on its device, no gradient needed (the
+    kernels have no backward)."""
+    needs_grad = torch.is_grad_enabled() and x.requires_grad
+    if x.is_meta and _META_AS_CUDA.get() is not None:
+        return bool(_META_AS_CUDA.get()) and not needs_grad
+    # ROCm: the kernels were measured and tested on NVIDIA only.
+    return kernels_available(x.device) and not needs_grad
 
 
 def available(x: torch.Tensor, frames: int) -> bool:
@@ -274,6 +306,24 @@ def _launch(
     return out
 
 
+# What each kernel allocates: its output. Custom ops' fake kernels for torch.compile, and the result on meta
+# tensors (`meta_as_cuda`).
+def _temporal_attention_shape(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.empty(q.shape, device=q.device, dtype=v.dtype)
+
+
+def _channel_sums_shape(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], 2, x.shape[2]), dtype=torch.float32)
+
+
+def _scale_shift_shape(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+
+
+def _geglu_shape(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))
+
+
 if _CUSTOM_OPS:
 
     @torch.library.custom_op("lavie::temporal_attention", mutates_args=())
@@ -285,7 +335,7 @@ if _CUSTOM_OPS:
 
     @_temporal_attention_op.register_fake
     def _(q, k, v, heads, cos, sin, bias):
-        return torch.empty(q.shape, device=q.device, dtype=v.dtype)
+        return _temporal_attention_shape(q, v)
 
 
     @torch.library.custom_op("lavie::channel_sums", mutates_args=())
@@ -294,7 +344,7 @@ if _CUSTOM_OPS:
 
     @_channel_sums_op.register_fake
     def _(x):
-        return x.new_empty((x.shape[0], 2, x.shape[2]), dtype=torch.float32)
+        return _channel_sums_shape(x)
 
     @torch.library.custom_op("lavie::scale_shift", mutates_args=())
     def _scale_shift_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool) -> torch.Tensor:
@@ -302,7 +352,7 @@ if _CUSTOM_OPS:
 
     @_scale_shift_op.register_fake
     def _(x, scale, shift, silu):
-        return torch.empty(x.shape, device=x.device, dtype=x.dtype)
+        return _scale_shift_shape(x)
 
     @torch.library.custom_op("lavie::geglu", mutates_args=())
     def _geglu_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -310,7 +360,7 @@ if _CUSTOM_OPS:
 
     @_geglu_op.register_fake
     def _(x, weight, bias):
-        return x.new_empty((*x.shape[:-1], weight.shape[0] // 2))
+        return _geglu_shape(x, weight)
 
 
 def _require_kernels(name: str) -> None:
@@ -324,7 +374,8 @@ def _check_rows(name: str, x: torch.Tensor, *per_channel: torch.Tensor) -> None:
     for t in per_channel:
         if tuple(t.shape) != (x.shape[0], x.shape[2]):
             raise ValueError(f"{name}: per-channel values must be shaped {(x.shape[0], x.shape[2])}, got {tuple(t.shape)}")
-    _require_kernels(name)
+    if not x.is_meta:
+        _require_kernels(name)
 
 
 def channel_sums(x: torch.Tensor) -> torch.Tensor:
@@ -334,7 +385,7 @@ def channel_sums(x: torch.Tensor) -> torch.Tensor:
     statistics are then sums over its channels.
     """
     _check_rows("channel_sums", x)
-    return _channel_sums_op(x)
+    return _channel_sums_shape(x) if x.is_meta else _channel_sums_op(x)
 
 
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, silu: bool = False) -> torch.Tensor:
@@ -343,7 +394,7 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, si
     x: `b n c`; the result is `b n c`, contiguous, in x's dtype; the arithmetic is float32.
     """
     _check_rows("scale_shift", x, scale, shift)
-    return _scale_shift_op(x, scale, shift, silu)
+    return _scale_shift_shape(x) if x.is_meta else _scale_shift_op(x, scale, shift, silu)
 
 
 def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -360,6 +411,8 @@ def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Te
         raise ValueError(
             f"geglu takes float16 or bfloat16 x, weight and bias of one dtype, got {x.dtype}, {weight.dtype}, {bias.dtype}"
         )
+    if x.is_meta:
+        return _geglu_shape(x, weight)
     _require_kernels("geglu")
     return _geglu_op(x, weight, bias)
 
@@ -395,6 +448,8 @@ def temporal_attention(
     else:
         cos = sin = None
     bias = None if bias is None else bias.float().contiguous()
+    if q.is_meta:
+        return _temporal_attention_shape(q, v)
     _require_kernels("temporal_attention")
     if q.ndim == 3:
         return _temporal_attention_op(*(t.unsqueeze(2) for t in (q, k, v)), heads, cos, sin, bias).squeeze(2)

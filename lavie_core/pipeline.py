@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from . import fused
 from .config import UNetConfig
 from .guidance import CFGDenoiser, DiscreteDenoiser
 from .samplers import SAMPLERS, Sampler
@@ -34,6 +35,7 @@ from .schedules import (
     get_sigmas,
     initial_noise_scale,
 )
+from .memory import unet_activation_peak
 from .tiling import TiledDenoiser, plan_windows
 from .unet import LaVieUNet
 
@@ -586,10 +588,11 @@ def upscale(
 # ---------------------------------------------------------------------------------------------
 
 
-# Live activations at the widest point of a transformer block, in units of C x (pixels): the
-# residual stream and its norm (2C), the GEGLU projection (8C) and its two 4C halves after the
-# gate, plus slack for the frame-folded copies attention makes.
-_WORKING_SET_FACTOR = 18
+# Eager peaks measured on an H200 (fp16 and fp32, the three UNets with and without the fused kernels, 1 to 61
+# frames, tiles and whole frames, one text or two) were 1.00 to 1.06 times the traced activations: cuDNN's
+# workspace and the allocator's rounding, with cudnn.benchmark off as ComfyUI runs (its algorithm search
+# adds up to a third on a shape's first call).
+_MEASURED_OVER_TRACED = 1.1
 
 
 def estimate_unet_memory(
@@ -599,47 +602,27 @@ def estimate_unet_memory(
     width: int,
     batch: int = 1,
     dtype: torch.dtype = torch.float16,
+    *,
+    device: torch.device | str = "cuda",
 ) -> int:
-    """Activation bytes of one UNet forward at latent size ``height x width`` (inference, eager).
+    """Activation bytes of one eager UNet call at latent size ``height x width`` on ``device``.
 
-    ``batch`` is the batch the UNet sees (2 with guidance batched). Formula, with
-    ``P_i = ceil(h / 2^i) * ceil(w / 2^i)`` pixels and ``C_i`` channels at level i, L = layers
-    per block and s = bytes per element::
+    ``batch`` is the number of conditionings per sample (2 with guidance batched). The call is traced on
+    the meta device (``lavie_core.memory``) along the code path ``device`` takes, with the fused kernels
+    where they run there, and the traced peak gets 10% for the allocator and cuDNN. Weights are not
+    included. Tracing takes about a second; repeated shapes are cached.
 
-        skips     = C_0 P_0 + sum_i L C_i P_i + sum_{i < last} C_i P_{i+1}
-        working_i = P_i * max(18 C_i if level i has attention, U_i + 3 W_i)
-        bytes     = s * batch * frames * (skips + max_i working_i)
-
-    Skip connections are held for the whole down pass. A transformer's widest point is its GEGLU
-    feed-forward (18 C); a resnet's is its input next to two normalised copies and its output, where
-    on the way up ``W_i = max(C_i, C_{i+1})`` channels arrive from the level below (the VSR UNet runs a
-    512-channel temporal module at full resolution) and ``U_i = C_i + W_i`` enter after the skip is
-    concatenated. Weights are not included. Against peaks measured on an H200 (fp16, eager, guidance
-    batched, paper sizes, the GEGLU product written out as plain torch does) it is within 5%: base 1.10 GiB
-    measured, interpolation 4.19, VSR 8-frame chunk 17.55 (`python bench/speed.py`, peak minus weights).
-    On NVIDIA GPUs in half precision the fused GEGLU kernel never writes that product, and the measured
-    peaks are lower (base 0.58 GiB; VSR chunk 9.7, whose full-resolution levels also run one sample at a
-    time); the estimate stays an upper bound there.
+    Measured on an H200 (``cudnn.benchmark`` off; eager, fp16, guidance batched, peak minus weights and
+    inputs; ``python bench/memory.py``) against the traced peaks: base 0.60 GiB (traced 0.57), interpolation
+    2.15 (2.15), VSR 8-frame chunk 9.61 (9.61); without the kernels 1.10, 4.20 and 16.48 (the same as
+    traced). Compiled calls measured no higher peaks (VSR: lower).
     """
     int_at_least("frames", frames, 1)
     int_at_least("height", height, 1)
     int_at_least("width", width, 1)
     int_at_least("batch", batch, 1)
-    levels = len(config.block_out_channels)
-    pixels = []
-    h, w = height, width
-    for _ in range(levels):
-        pixels.append(h * w)
-        h, w = -(-h // 2), -(-w // 2)
-    chans = config.block_out_channels
-    skips = chans[0] * pixels[0]
-    skips += sum(config.layers_per_block * c * p for c, p in zip(chans, pixels))
-    skips += sum(chans[i] * pixels[i + 1] for i in range(levels - 1))
-    working = 0
-    for i, (c, p) in enumerate(zip(chans, pixels)):
-        from_below = max(c, chans[min(i + 1, levels - 1)])
-        resnet = (c + from_below) + 3 * from_below
-        transformer = _WORKING_SET_FACTOR * c if config.attention_levels[i] else 0
-        working = max(working, p * max(resnet, transformer))
-    element = torch.finfo(dtype).bits // 8 if dtype.is_floating_point else torch.iinfo(dtype).bits // 8
-    return element * batch * frames * (skips + working)
+    device = torch.device(device)
+    traced = unet_activation_peak(
+        config, frames, height, width, batch, dtype, device.type, fused.kernels_available(device)
+    )
+    return int(traced * _MEASURED_OVER_TRACED)

@@ -177,7 +177,7 @@ def memory(model: LaVieModel, frames: int, h: int, w: int, cfg: float) -> int:
     try:
         unet = model.unet
         return pipeline.estimate_unet_memory(unet.config, max(1, frames), max(1, h), max(1, w),
-                                             batch=1 if cfg == 1.0 else 2, dtype=unet.dtype)
+                                             batch=1 if cfg == 1.0 else 2, dtype=unet.dtype, device=model.device)
     except Exception:  # an estimate only steers offloading; never fail a run on it
         return 0
 

@@ -414,6 +414,30 @@ def test_upscale_is_x4_and_checks_its_vae(loaded, progress_log):
     assert "tile_overlap (32) must be smaller than tile (16)" in sub("sampling").LaVieUpscale.VALIDATE_INPUTS(16, 32, 8, 2)
 
 
+def test_stages_ask_the_host_to_free_their_estimated_memory(loaded, monkeypatch):
+    import comfy.model_management as mm
+    from lavie_core import pipeline
+
+    asked = []
+    load = mm.load_models_gpu
+
+    def recording_load(models, *args, memory_required=0, **kwargs):
+        asked.append(memory_required)
+        return load(models, *args, memory_required=memory_required, **kwargs)
+
+    monkeypatch.setattr(mm, "load_models_gpu", recording_load)
+    base_latent(loaded)
+    sub("sampling").LaVieUpscale().upscale(loaded["vsr"], torch.rand(FRAMES, 16, 24, 3), loaded["pos"], loaded["neg"],
+                                           loaded["vae4"], 50, 1, 5.0, "ddim", "auto", 0, 16, 4, 2, 1, 2)
+
+    def estimate(model, frames, h, w):
+        return pipeline.estimate_unet_memory(model.unet.config, frames, h, w, 2, model.unet.dtype, device=model.device)
+
+    # Guidance batched (two texts); the upscaler's window: 2-frame chunks of 16-pixel tiles.
+    assert asked[0] == estimate(loaded["base"], FRAMES, SIZE // 8, SIZE // 8) > 0
+    assert asked[1] == estimate(loaded["vsr"], 2, 16, 16) > 0
+
+
 # ----------------------------------------------------------------------------- decoding
 def test_decode_matches_core_and_streams_chunks(loaded, progress_log):
     from lavie_core.vae import decode_video

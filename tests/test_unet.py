@@ -344,6 +344,26 @@ def test_the_unet_traces_as_one_graph(kind):
         torch.testing.assert_close(traced(x, t, ctx, noise), model(x, t, ctx, noise))
 
 
+def test_compiled_unet_compiles_once_per_shape(monkeypatch):
+    import einops
+    from torch._dynamo.utils import counters
+
+    from lavie_core import compile_unet
+
+    # A fresh process: einops has seen no tensor type yet (it records each new one in a dict that
+    # torch.compile guards on; a type first seen inside the traced call would make the next call recompile).
+    monkeypatch.setattr(einops._backends, "_type2backend", {})
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model("vsr")
+    x, t, ctx, noise = inputs(model, 1, 3, 8, 8)
+    compiled = compile_unet(model, backend="eager")
+    with torch.no_grad():
+        for step in range(3):
+            compiled(x, t + step, torch.cat([ctx, -ctx]), noise)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 def test_compile_unet_wraps_the_same_module_without_compiling_yet():
     from lavie_core import compile_unet
 

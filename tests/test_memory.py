@@ -1,0 +1,152 @@
+"""The meta-device memory trace: storage bookkeeping, attention as its output, agreement with a real run,
+and the activation peaks measured on an H200."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lavie_core import UNetConfig, fused
+from lavie_core import pipeline as P
+from lavie_core import unet as unet_module
+from lavie_core.memory import trace_peak, unet_activation_peak
+from test_unet import KINDS, inputs, tiny_model
+
+GIB = 2**30
+
+
+def meta_bytes(n: int) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.uint8, device="meta")
+
+
+def test_trace_counts_the_storages_alive_at_once():
+    def fn():
+        a, b = meta_bytes(1000), meta_bytes(2000)
+        view = a.view(10, 100)
+        del a  # the view keeps the storage
+        c = meta_bytes(500)  # 3500 live
+        del view, b
+        return c, meta_bytes(4000)  # 4500 live
+
+    assert trace_peak(fn) == 4500
+
+
+def test_trace_ignores_storages_made_before_it_and_their_views():
+    weight = torch.empty(10**6, device="meta")
+
+    def fn():
+        weight.t().add_(1)
+        weight.view(1000, 1000)[0].mul_(2)
+        return weight * 2  # the only new storage
+
+    assert trace_peak(fn) == 4 * 10**6
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_attention_is_traced_as_its_output_not_the_score_matrix(device):
+    q = torch.empty(1, 8, 4096, 40, dtype=torch.float16, device="meta")
+    assert trace_peak(lambda: F.scaled_dot_product_attention(q, q, q), device=device) == q.numel() * 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_meta_trace_equals_the_trace_of_a_real_run(kind):
+    model = tiny_model(kind).use_channels_last()  # as loaded
+    x, t, ctx, noise_level = inputs(model, b=1, f=5)
+    # Two texts, the video once; plain-number timestep and noise level, which need no copy on either device.
+    args = (int(t), torch.cat([ctx, ctx + 1]), None if noise_level is None else int(noise_level))
+    real = trace_peak(lambda: model(x, *args))
+    model, x, args = model.to("meta"), x.to("meta"), (args[0], args[1].to("meta"), args[2])
+    meta = trace_peak(lambda: model(x, *args))
+    assert meta == real > 0
+
+
+# Peak allocated minus weights and inputs of one eager fp16 UNet call on an H200 (cudnn.benchmark off; one
+# text or two), with the fused kernels and without: `python bench/memory.py`. The largest gap to the trace
+# was 6% (base with the kernels).
+H200_MEASURED = [
+    pytest.param("base", 16, 40, 64, 2, True, 0.60, id="base-16f-kernels"),
+    pytest.param("base", 16, 40, 64, 2, False, 1.10, id="base-16f"),
+    pytest.param("base", 16, 40, 64, 1, True, 0.30, id="base-16f-one-text"),
+    pytest.param("interpolation", 61, 40, 64, 2, True, 2.15, id="interpolation-61f-kernels"),
+    pytest.param("interpolation", 61, 40, 64, 2, False, 4.20, id="interpolation-61f"),
+    pytest.param("vsr", 8, 320, 512, 2, True, 9.61, id="vsr-8f-kernels"),
+    pytest.param("vsr", 8, 320, 512, 2, False, 16.48, id="vsr-8f"),
+    pytest.param("vsr", 8, 320, 512, 1, True, 8.16, id="vsr-8f-one-text-kernels"),
+    pytest.param("vsr", 4, 320, 512, 2, True, 4.80, id="vsr-4f-kernels"),
+    pytest.param("vsr", 1, 320, 512, 2, True, 1.88, id="vsr-1f-kernels"),
+    pytest.param("vsr", 8, 256, 256, 2, True, 3.84, id="vsr-8f-tile-256-kernels"),
+]
+
+
+@pytest.mark.parametrize("kind,frames,h,w,texts,kernels,measured_gib", H200_MEASURED)
+def test_trace_matches_the_peaks_measured_on_an_h200(kind, frames, h, w, texts, kernels, measured_gib):
+    traced = unet_activation_peak(UNetConfig.preset(kind), frames, h, w, texts, torch.float16, "cuda", kernels)
+    assert traced / GIB == pytest.approx(measured_gib, rel=0.08)
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "no-kernels"])
+def test_estimate_is_the_trace_plus_a_margin_above_every_measured_peak(monkeypatch, kernels):
+    monkeypatch.setattr(fused, "kernels_available", lambda device: kernels)
+    for kind, frames, h, w, texts, with_kernels, measured_gib in (p.values for p in H200_MEASURED):
+        if with_kernels != kernels:
+            continue
+        config = UNetConfig.preset(kind)
+        estimate = P.estimate_unet_memory(config, frames, h, w, texts, device="cuda")
+        traced = unet_activation_peak(config, frames, h, w, texts, torch.float16, "cuda", kernels)
+        assert estimate == int(traced * 1.1)
+        assert estimate > measured_gib * GIB
+
+
+@pytest.mark.parametrize("name,value", [("frames", 0), ("height", -1), ("batch", 0)])
+def test_estimate_rejects_impossible_sizes(name, value):
+    sizes = dict(frames=8, height=32, width=32, batch=2) | {name: value}
+    with pytest.raises(ValueError, match=name):
+        P.estimate_unet_memory(UNetConfig.preset("vsr"), **sizes)
+
+
+def test_kernels_and_fewer_texts_need_less():
+    config = UNetConfig.preset("vsr")
+
+    def peak(texts, kernels):
+        return unet_activation_peak(config, 4, 160, 256, texts, torch.float16, "cuda", kernels)
+
+    assert peak(1, True) < peak(2, True) < peak(2, False)
+    assert peak(1, True) < peak(1, False) < peak(2, False)
+
+
+def test_trace_follows_the_per_sample_split(monkeypatch):
+    config = UNetConfig.preset("vsr")
+    args = (config, 2, 160, 256, 2, torch.float16, "cuda", True)
+    unet_activation_peak.cache_clear()
+    monkeypatch.setattr(unet_module, "SPLIT_BATCH_MIN_NUMEL", 2**62)
+    whole = unet_activation_peak(*args)
+    unet_activation_peak.cache_clear()
+    monkeypatch.setattr(unet_module, "SPLIT_BATCH_MIN_NUMEL", 1)
+    split = unet_activation_peak(*args)
+    unet_activation_peak.cache_clear()
+    assert split < 0.8 * whole
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", KINDS)
+def test_trace_matches_a_measured_cuda_call(kind):
+    """The paper's UNets at a small size, random weights, the CUDA path (with the kernels where usable)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from speed import random_model
+
+    sizes = {"base": (16, 40, 64), "interpolation": (61, 20, 32), "vsr": (4, 96, 128)}[kind]
+    model = random_model(kind, torch.device("cuda")).half()
+    config = model.config
+    x = torch.randn(1, config.in_channels, *sizes, device="cuda", dtype=torch.half)
+    context = torch.randn(2, 77, config.cross_attention_dim, device="cuda", dtype=torch.half)
+    noise_level = 20 if config.num_noise_levels is not None else None
+    torch.backends.cudnn.benchmark = False
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        model(x, torch.full((1,), 500.0, device="cuda"), context, noise_level)
+    measured = torch.cuda.max_memory_allocated() - before
+    traced = unet_activation_peak(config, *sizes, 2, torch.half, "cuda", fused.kernels_available("cuda"))
+    assert 0.97 * traced <= measured <= 1.1 * traced
