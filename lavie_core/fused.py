@@ -76,8 +76,9 @@ def kernels_usable(x: torch.Tensor) -> bool:
     """Whether this module's kernels can take x: `kernels_available` on its device, no gradient needed (the
     kernels have no backward)."""
     needs_grad = torch.is_grad_enabled() and x.requires_grad
-    if x.is_meta and _META_AS_CUDA.get() is not None:
-        return bool(_META_AS_CUDA.get()) and not needs_grad
+    simulated = _META_AS_CUDA.get() if x.is_meta else None
+    if simulated is not None:
+        return simulated and not needs_grad
     # ROCm: the kernels were measured and tested on NVIDIA only.
     return kernels_available(x.device) and not needs_grad
 

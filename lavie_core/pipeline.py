@@ -27,6 +27,7 @@ import torch
 from . import fused
 from .config import UNetConfig
 from .guidance import CFGDenoiser, DiscreteDenoiser
+from .memory import unet_activation_peak
 from .samplers import SAMPLERS, Sampler
 from .schedules import (
     SCHEDULES,
@@ -35,7 +36,6 @@ from .schedules import (
     get_sigmas,
     initial_noise_scale,
 )
-from .memory import unet_activation_peak
 from .tiling import TiledDenoiser, plan_windows
 from .unet import LaVieUNet
 

@@ -130,9 +130,10 @@ def test_trace_follows_the_per_sample_split(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kind", KINDS)
-def test_trace_matches_a_measured_cuda_call(kind):
+def test_trace_matches_a_measured_cuda_call(kind, monkeypatch):
     """The paper's UNets at a small size, random weights, the CUDA path (with the kernels where usable)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from memory import peak_of_call  # bench/memory.py
     from speed import random_model
 
     sizes = {"base": (16, 40, 64), "interpolation": (61, 20, 32), "vsr": (4, 96, 128)}[kind]
@@ -141,12 +142,7 @@ def test_trace_matches_a_measured_cuda_call(kind):
     x = torch.randn(1, config.in_channels, *sizes, device="cuda", dtype=torch.half)
     context = torch.randn(2, 77, config.cross_attention_dim, device="cuda", dtype=torch.half)
     noise_level = 20 if config.num_noise_levels is not None else None
-    torch.backends.cudnn.benchmark = False
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    with torch.no_grad():
-        model(x, torch.full((1,), 500.0, device="cuda"), context, noise_level)
-    measured = torch.cuda.max_memory_allocated() - before
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    measured = peak_of_call(lambda: model(x, torch.full((1,), 500.0, device="cuda"), context, noise_level))
     traced = unet_activation_peak(config, *sizes, 2, torch.half, "cuda", fused.kernels_available("cuda"))
     assert 0.97 * traced <= measured <= 1.1 * traced
