@@ -43,10 +43,10 @@ OFFICIAL_MS = {"base": 133.4, "interpolation": 589.8, "vsr": 1723.0}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def random_model(kind: str, device: torch.device, seed: int = 0) -> LaVieUNet:
+def random_model(kind: str, device: torch.device, seed: int = 0, config: UNetConfig | None = None) -> LaVieUNet:
     torch.manual_seed(seed)
     with torch.device("meta"):
-        model = LaVieUNet(UNetConfig.preset(kind))
+        model = LaVieUNet(config or UNetConfig.preset(kind))
     model = model.to_empty(device=device)
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -37,9 +37,9 @@ __all__ = [
     "temporal_attention", "channel_sums", "scale_shift", "geglu", "MAX_FRAMES",
 ]
 
-# A program holds `frames x head_dim` tiles of q, k, v and the output in one warp's registers, measured at
-# 8 and 16 frames (VSR, base). The interpolation model's 61 frames take SDPA or the matmul path instead.
-MAX_FRAMES = 32
+# A program holds `frames x head_dim` tiles of q, k, v and the scores in registers: up to 64 frames (the
+# interpolation model's 61) it beats the regrouped matmuls and SDPA at every model width (`_temporal_warps`).
+MAX_FRAMES = 64
 
 
 # torch.library.custom_op (torch >= 2.4) makes the kernel one opaque node for torch.compile.
@@ -110,8 +110,8 @@ if triton is not None:
         FRAMES: tl.constexpr, FRAMES_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
         ROTARY_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # One program (one warp): one pixel of one clip (a row), one head, every frame, as two small
-        # tensor-core dots. On an H200 this measured fastest, ahead of programs of several pixels or warps.
+        # One program: one pixel of one clip (a row), one head, every frame, as two small tensor-core dots.
+        # On an H200 this measured fastest, ahead of programs of several pixels.
         row, head = tl.program_id(0), tl.program_id(1)
         # 64-bit offsets, since a video can pass 2^31 elements.
         clip, token = (row // tokens).to(tl.int64), (row % tokens).to(tl.int64)
@@ -302,9 +302,18 @@ def _launch(
         head_dim**-0.5,
         FRAMES=frames, FRAMES_PAD=frames_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
         ROTARY_DIM=rotary_dim, HAS_BIAS=bias is not None, PRECISION="ieee" if v.dtype == torch.float32 else "tf32",
-        num_warps=1,
+        num_warps=_temporal_warps(frames_pad, head_dim_pad),
     )
     return out
+
+
+def _temporal_warps(frames_pad: int, head_dim_pad: int) -> int:
+    """Warps per program, measured on an H200 at the three models' widths (heads of 40 to 160 channels):
+    one warp up to 32 frames, two for 160-wide heads (padded to 256: one warp spills registers, 1.3-1.4x
+    slower), four at 64 frames (one warp was up to 12x slower there)."""
+    if frames_pad >= 64:
+        return 4
+    return 2 if head_dim_pad >= 256 else 1
 
 
 # What each kernel allocates: its output. Custom ops' fake kernels for torch.compile, and the result on meta

@@ -364,6 +364,28 @@ def test_compiled_unet_compiles_once_per_shape(monkeypatch):
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_compiled_unet_keeps_compiling_new_shapes_past_torchs_default_limit():
+    from torch._dynamo.utils import counters
+
+    from lavie_core import compile_unet
+    from lavie_core.unet import RECOMPILE_LIMIT
+
+    class Scale(torch.nn.Module):  # a fresh forward: the limit counts graphs per function
+        def forward(self, x):
+            return x * 2
+
+    # torch's config module, not pytest's monkeypatch: undoing a monkeypatch hides the setting.
+    with torch._dynamo.config.patch(recompile_limit=2):
+        counters.clear()
+        compiled = compile_unet(Scale(), backend="eager")
+        shapes = [(n,) for n in range(1, 6)]
+        for shape in shapes:
+            compiled(torch.ones(shape))
+        # At the limit of 2 the third shape would have run eagerly, uncompiled.
+        assert counters["stats"]["unique_graphs"] == len(shapes)
+        assert torch._dynamo.config.recompile_limit == RECOMPILE_LIMIT
+
+
 def test_compile_unet_wraps_the_same_module_without_compiling_yet():
     from lavie_core import compile_unet
 
