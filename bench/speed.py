@@ -1,9 +1,9 @@
 """Speed and memory of the three LaVie UNets on a CUDA GPU at the paper's sizes.
 
     python bench/speed.py [--dtype fp16|bf16] [--stages base,interpolation,vsr] [--iters 6] [--compile]
-                          [--cfg-input shared|doubled]
+                          [--cfg-input shared|doubled] [--cuda-graph on|off]
     python bench/speed.py --cascade [--steps 50] [--cfg-mode batched|split] [--vsr-chunk 4] [--budget-gib 12] [--compile]
-                          [--cascade-stages base,interpolation,vsr]
+                          [--cascade-stages base,interpolation,vsr] [--cuda-graph on|off]
 
 Per stage: one UNet call that answers both halves of classifier-free guidance, median of `--iters`
 timed calls (CUDA events) after warm-up; FLOPs counted with torch's FlopCounterMode; peak memory from
@@ -14,7 +14,8 @@ are random at a variance-preserving scale (timing does not depend on their value
 
 `--cfg-input shared` (default; what the samplers do) passes the video once with both texts, so the
 layers before the first text attention run once; `doubled` passes the video twice, as the official
-code does.
+code does. `--cuda-graph on` (default, as the stages run) replays the calls from a CUDA graph
+(`lavie_core.graphs`); `off` launches every kernel from the host.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lavie_core import LaVieUNet, UNetConfig, compile_unet  # noqa: E402
+from lavie_core.graphs import GraphedCalls  # noqa: E402
 
 # Inputs of one call, as in the reference measurements: CFG batch 2.
 STAGES = {
@@ -109,14 +111,16 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_stage(
     kind: str, dtype: torch.dtype, iters: int, compile_model: bool, numerics: bool, cfg_input: str = "shared",
-    official: Path | None = None,
+    official: Path | None = None, cuda_graph: bool = True,
 ) -> dict:
     """One stage's call: speed, memory and numerics; with `official` (a Vchitect/LaVie checkout) the
-    official UNet is timed after it in the same process, on the same weights and inputs."""
+    official UNet is timed after it in the same process, on the same weights and inputs. With `cuda_graph`
+    the calls after the first are replayed from a CUDA graph, as the stages run them."""
     device = torch.device("cuda")
     model = random_model(kind, device)
     x, t, ctx, noise = make_inputs(kind, device, cfg_input=cfg_input)
-    result: dict = {"stage": kind, "dtype": str(dtype).removeprefix("torch."), "cfg_input": cfg_input}
+    result: dict = {"stage": kind, "dtype": str(dtype).removeprefix("torch."), "cfg_input": cfg_input,
+                    "cuda_graph": cuda_graph}
     ref = None
     if numerics and dtype != torch.float32:
         with torch.no_grad():
@@ -129,28 +133,35 @@ def bench_stage(
             result["rel_l2_weights_rounded"] = rel_l2(model.float()(x, t, ctx, noise), ref)
         model = model.to(dtype)
     call_model = compile_unet(model) if compile_model else model
+    runner = GraphedCalls(call_model) if cuda_graph else call_model
+    args = (x, t, ctx) if noise is None else (x, t, ctx, noise)
 
     def call():
         with torch.no_grad():
-            return call_model(x, t, ctx, noise)
+            return runner(*args)
 
     if ref is not None:
         out = call().float()
         result["rel_l2_vs_fp32"] = rel_l2(out, ref)
         del out, ref
+    elif cuda_graph:
+        call()  # the plain first call: compilation and cuDNN's algorithm search, outside the measured window
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base_mem = torch.cuda.memory_allocated()
     for _ in range(2):
         call()
     torch.cuda.synchronize()
-    # The first calls also hold compilation's and cuDNN's algorithm search's scratch memory, once per shape.
+    # Without graphs the first calls also hold compilation's and cuDNN's algorithm search's scratch memory,
+    # once per shape. With graphs they are the capture, which allocates the graph's memory for good.
     result["warmup_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
     times = time_calls(call, iters, warmup=0)
     result["ms_per_call"] = statistics.median(times)
     result["ms_all"] = [round(v, 2) for v in times]
-    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    # A replay allocates nothing new: the graph's activations were allocated at capture.
+    timed_peak = torch.cuda.max_memory_allocated() / 2**30
+    result["peak_gib"] = max(timed_peak, result["warmup_peak_gib"]) if cuda_graph else timed_peak
     result["weights_gib"] = base_mem / 2**30
     with torch.no_grad():
         flops = count_flops(lambda: model(x, t, ctx, noise))  # eager: the counter does not see compiled graphs
@@ -158,7 +169,7 @@ def bench_stage(
     result["tflop_per_call"] = flops / 1e12
     result["achieved_tflops"] = flops / 1e12 / (result["ms_per_call"] / 1e3)
     weights = {k: v.cpu() for k, v in model.state_dict().items()} if official is not None else None
-    del model, call_model
+    del model, call_model, runner
     torch.cuda.empty_cache()
     result["official_ms"], result["official_source"] = OFFICIAL_MS[kind], "ANCHORS.md"
     if official is not None:
@@ -206,6 +217,7 @@ def bench_cascade(
     budget_gib: float,
     vsr_chunk: int = 8,
     stages: tuple[str, ...] = ("base", "interpolation", "vsr"),
+    cuda_graph: bool = True,
 ) -> dict:
     """The whole cascade at the paper's sizes: 16 frames 320x512 -> 61 frames -> 61 frames 1280x2048.
 
@@ -224,7 +236,8 @@ def bench_cascade(
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total))
     report: dict = {"steps": steps, "dtype": str(dtype).removeprefix("torch."), "cfg_mode": cfg_mode,
-                    "budget_gib": budget_gib, "compile": compile_model, "vsr_chunk": vsr_chunk}
+                    "budget_gib": budget_gib, "compile": compile_model, "vsr_chunk": vsr_chunk,
+                    "cuda_graph": cuda_graph}
     models = {k: random_model(k, torch.device("cpu")).to(dtype) for k in stages}
     text = {k: torch.randn(1, 77, 1024 if k == "vsr" else 768) for k in models}
 
@@ -257,12 +270,14 @@ def bench_cascade(
     t_start = time.perf_counter()
     base = torch.randn(1, 4, 16, 40, 64)
     if "base" in stages:
-        base = run("base", lambda net, n: text_to_video(net, text["base"], text["base"], steps=n, cfg_mode=cfg_mode))
+        base = run("base", lambda net, n: text_to_video(net, text["base"], text["base"], steps=n, cfg_mode=cfg_mode,
+                                                          cuda_graph=cuda_graph))
     frames = torch.randn(1, 4, 4 * base.shape[2] - 3, 40, 64)
     if "interpolation" in stages:
         frames = run(
             "interpolation",
-            lambda net, n: interpolate(net, base, text["interpolation"], text["interpolation"], steps=n, cfg_mode=cfg_mode),
+            lambda net, n: interpolate(net, base, text["interpolation"], text["interpolation"], steps=n, cfg_mode=cfg_mode,
+                                       cuda_graph=cuda_graph),
         )
     # VSR is conditioned on the decoded low-res video; its content does not change the timing.
     low_res = torch.rand(1, 3, frames.shape[2], 320, 512) * 2 - 1
@@ -270,7 +285,7 @@ def bench_cascade(
         run(
             "vsr",
             lambda net, n: upscale(net, low_res, text["vsr"], text["vsr"], steps=n, chunk_frames=vsr_chunk,
-                                   chunk_overlap=0, cfg_mode=cfg_mode, latent_device="cuda"),
+                                   chunk_overlap=0, cfg_mode=cfg_mode, latent_device="cuda", cuda_graph=cuda_graph),
         )
     report["wall_s"] = time.perf_counter() - t_start
     report["cascade_s"] = sum(report[f"{k}_s"] for k in models)
@@ -288,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-numerics", action="store_true", help="skip the float32 comparison")
     parser.add_argument("--cfg-input", default="shared", choices=["shared", "doubled"],
                         help="video once with both texts (as the samplers call it) or twice (as the official code)")
+    parser.add_argument("--cuda-graph", default="on", choices=["on", "off"],
+                        help="replay the UNet calls from CUDA graphs, as the stages do (default on)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--official", type=Path, metavar="PATH",
                         help="a Vchitect/LaVie checkout: time its UNets in the same run, on the same weights and "
@@ -313,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cascade:
         report = bench_cascade(
             DTYPES[args.dtype], args.steps, args.compile, args.cfg_mode, args.budget_gib, args.vsr_chunk,
-            tuple(args.cascade_stages.split(",")),
+            tuple(args.cascade_stages.split(",")), args.cuda_graph == "on",
         )
         print(json.dumps(report))
         if args.json:
@@ -331,12 +348,14 @@ def main(argv: list[str] | None = None) -> int:
     for kind in stages:
         t0 = time.time()
         r = bench_stage(
-            kind, DTYPES[args.dtype], args.iters, args.compile, not args.no_numerics, args.cfg_input, args.official
+            kind, DTYPES[args.dtype], args.iters, args.compile, not args.no_numerics, args.cfg_input, args.official,
+            args.cuda_graph == "on",
         )
         r["bench_s"] = time.time() - t0
         results.append(r)
         print(json.dumps(r), flush=True)
-    print(f"\n({args.cfg_input} CFG input; official ms measured in this run, or from ANCHORS.md where marked *)")
+    print(f"\n({args.cfg_input} CFG input, CUDA graphs {args.cuda_graph}; official ms measured in this run, or from "
+          "ANCHORS.md where marked *)")
     print("| stage | ms/call | official ms | speed-up | TFLOP/call | TFLOP/s | peak GiB (official) | rel L2 vs fp32 | "
           "of which weight rounding | rel L2 vs official |")
     print("|---|---|---|---|---|---|---|---|---|---|")

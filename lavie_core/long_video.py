@@ -36,7 +36,7 @@ x0 predictions are blended with raised-cosine weights (``lavie_core.tiling.Tiled
 covering every frame is exactly ``pipeline.text_to_video``.
 
 Both return UNet-space latents `b 4 f h w` (CPU, float32), like the pipeline stages, and take the
-same sampling arguments, seeds and callbacks.
+same sampling arguments, seeds, callbacks and ``cuda_graph`` switch.
 """
 
 from __future__ import annotations
@@ -96,10 +96,10 @@ def _evaluations(sampler: str, sigmas: torch.Tensor, cfg: float, cfg_mode: str) 
 
 def _guided(
     unet: Any, spec: ScheduleSpec, context: torch.Tensor, uncond: torch.Tensor, cfg: float, cfg_mode: str,
-    ticker: _Ticker,
+    ticker: _Ticker, cuda_graph: bool,
 ) -> CFGDenoiser:
     check_cfg_mode(cfg_mode)
-    net = Network(unet, noise_level=None, total_calls=ticker.total, on_call=ticker)
+    net = Network(unet, noise_level=None, total_calls=ticker.total, on_call=ticker, cuda_graph=cuda_graph)
     return guided_denoiser(net, spec, "epsilon", context, uncond, cfg, cfg_mode, uncond_first=True)
 
 
@@ -232,6 +232,7 @@ def extend_video(
     device: torch.device | str | None = None,
     callback: StageCallback | None = None,
     on_call: CallCallback | None = None,
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
     """Generate ``total_frames`` frames clip by clip (see the module docstring); `b 4 total h w` on the CPU.
 
@@ -284,9 +285,10 @@ def extend_video(
             unet, context, uncond_context, frames=first, height=h * VAE_DOWNSCALE, width=w * VAE_DOWNSCALE,
             steps=steps, cfg=cfg, sampler=sampler, schedule=schedule, seed=seed, batch=batch, cfg_mode=cfg_mode,
             device=device, callback=_clip_callback(stage, 0, clips, steps, callback), on_call=ticker,
+            cuda_graph=cuda_graph,
         )
     sigma_cond = float(spec.default_schedule.t_to_sigma(cond_noise)) if cond_noise > 0 else 0.0
-    guided = _guided(unet, spec, context, uncond_context, cfg, cfg_mode, ticker)
+    guided = _guided(unet, spec, context, uncond_context, cfg, cfg_mode, ticker, cuda_graph)
     offset = clips - len(plan)
     for n, (_, take) in enumerate(plan):
         index = n + offset
@@ -323,6 +325,7 @@ def sliding_window_video(
     latent_device: torch.device | str | None = None,
     callback: StageCallback | None = None,
     on_call: CallCallback | None = None,
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
     """Denoise ``frames`` frames jointly with overlapping temporal windows; `b 4 frames h w` on the CPU.
 
@@ -353,7 +356,7 @@ def sliding_window_video(
     overlap = context_overlap if context_length < frames else 0
     windows = len(plan_windows(frames, h, w, chunk_frames=context_length, chunk_overlap=overlap))
     ticker = _Ticker(_evaluations(sampler, sigmas, cfg, cfg_mode) * windows, on_call)
-    guided = _guided(unet, spec, context, uncond_context, cfg, cfg_mode, ticker)
+    guided = _guided(unet, spec, context, uncond_context, cfg, cfg_mode, ticker, cuda_graph)
     tiled = TiledDenoiser(guided, chunk_frames=context_length, chunk_overlap=overlap, device=device)
     out = _run(sampler_fn, tiled, noise, sigmas, spec, generator, stage_callback("sliding_window", steps, callback))
     return out.to(device="cpu", dtype=torch.float32)

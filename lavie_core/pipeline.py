@@ -16,6 +16,10 @@ in sigma space (``x0 + sigma * noise``, not VP-scaled) and ``sigma`` the level t
 at. ``on_call(done, total)`` runs after every UNet call, counted over the whole stage (CFG in split
 mode and tiles make several calls per step). An exception raised from either aborts the stage and
 propagates unchanged.
+
+CUDA graphs: with ``cuda_graph=True`` (the default) a stage on a CUDA device replays its UNet calls
+from CUDA graphs after the first call of each shape (``lavie_core.graphs``): the same results, with
+the host no longer pacing the GPU. The graphs' memory is freed when the stage returns.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 
 from . import fused
 from .config import UNetConfig
+from .graphs import GraphedCalls
 from .guidance import CFGDenoiser, DiscreteDenoiser
 from .memory import unet_activation_peak
 from .samplers import SAMPLERS, Sampler
@@ -209,7 +214,8 @@ class Network:
 
     Conditioning that the official models concatenate on channels after the noisy latent
     (``concat``) is appended here, after DiscreteDenoiser has scaled the latent alone. Every call
-    ticks ``on_call(done, total)``.
+    ticks ``on_call(done, total)``. With ``cuda_graph``, calls on a CUDA device are replayed from
+    CUDA graphs (``lavie_core.graphs``), freed with the Network at the end of the stage.
     """
 
     def __init__(
@@ -219,8 +225,10 @@ class Network:
         noise_level: int | None,
         total_calls: int,
         on_call: CallCallback | None,
+        cuda_graph: bool = False,
     ) -> None:
         self.unet = unet
+        self.call = GraphedCalls(unet) if cuda_graph else unet
         self.noise_level = noise_level
         self.total_calls = total_calls
         self.on_call = on_call
@@ -232,9 +240,9 @@ class Network:
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
         if self.noise_level is None:
-            out = self.unet(x, t, context)
+            out = self.call(x, t, context)
         else:
-            out = self.unet(x, t, context, noise_level=self.noise_level)
+            out = self.call(x, t, context, noise_level=self.noise_level)
         self.calls += 1
         if self.on_call is not None:
             self.on_call(self.calls, self.total_calls)
@@ -345,6 +353,7 @@ def text_to_video(
     device: torch.device | str | None = None,
     callback: StageCallback | None = None,
     on_call: CallCallback | None = None,
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
     """Sample base-model latents `b 4 f h w` with ``h, w = height / 8, width / 8`` (CPU, float32).
 
@@ -369,7 +378,7 @@ def text_to_video(
     noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
 
     total = model_evaluations(sampler, sigmas) * cfg_calls(cfg, cfg_mode)
-    net = Network(unet, noise_level=None, total_calls=total, on_call=on_call)
+    net = Network(unet, noise_level=None, total_calls=total, on_call=on_call, cuda_graph=cuda_graph)
     denoiser = guided_denoiser(net, spec, "epsilon", context, uncond_context, cfg, cfg_mode, uncond_first=True)
     report = stage_callback("text_to_video", steps, callback)
     with torch.no_grad():
@@ -410,6 +419,7 @@ def interpolate(
     device: torch.device | str | None = None,
     callback: StageCallback | None = None,
     on_call: CallCallback | None = None,
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
     """Interpolate ``latents`` `b 4 n h w` to `b 4 (4n-3) h w` (CPU, float32).
 
@@ -452,7 +462,7 @@ def interpolate(
         plan_windows(out_frames, h, w, chunk_frames=frame_window, chunk_overlap=window_overlap if frame_window else 0)
     )
     total = model_evaluations(sampler, sigmas) * cfg_calls(cfg, cfg_mode) * windows
-    net = Network(unet, noise_level=None, total_calls=total, on_call=on_call)
+    net = Network(unet, noise_level=None, total_calls=total, on_call=on_call, cuda_graph=cuda_graph)
     guided = guided_denoiser(net, spec, "epsilon", context, uncond_context, cfg, cfg_mode, uncond_first=False)
     report = stage_callback("interpolation", steps, callback)
     with torch.no_grad():
@@ -515,6 +525,7 @@ def upscale(
     latent_device: torch.device | str = "cpu",
     callback: StageCallback | None = None,
     on_call: CallCallback | None = None,
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
     """Super-resolve ``low_res`` `b 3 f H W` in [-1, 1] to latents `b 4 f H W` (CPU, float32).
 
@@ -566,7 +577,7 @@ def upscale(
     noise = torch.randn((b, LATENT_CHANNELS, f, h, w), generator=generator, dtype=torch.float32).to(latent_device)
 
     total = model_evaluations(sampler, sigmas) * cfg_calls(cfg, cfg_mode) * windows
-    net = Network(unet, noise_level=noise_level, total_calls=total, on_call=on_call)
+    net = Network(unet, noise_level=noise_level, total_calls=total, on_call=on_call, cuda_graph=cuda_graph)
     guided = guided_denoiser(net, spec, "v", context, uncond_context, cfg, cfg_mode, uncond_first=True)
     tiled = TiledDenoiser(
         guided,

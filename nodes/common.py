@@ -186,4 +186,4 @@ def stage_kwargs(model: LaVieModel, bar: bridge.Progress, *, steps: int, cfg: fl
                  schedule: str, seed: int) -> dict[str, Any]:
     """The sampling, device and progress arguments every core stage takes, from the common node inputs."""
     return dict(steps=steps, cfg=cfg, sampler=sampler_name, seed=seed, device=model.device,
-                callback=bar.on_step, on_call=bar.on_call, **schedule_kwargs(schedule))
+                callback=bar.on_step, on_call=bar.on_call, cuda_graph=model.cuda_graph, **schedule_kwargs(schedule))

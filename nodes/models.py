@@ -53,6 +53,8 @@ class LaVieModel:
     name: str = ""
     # The LaVie Loader's `compile`: stages get the UNet through torch.compile.
     compile: bool = False
+    # The LaVie Loader's `cuda_graph`: stages replay their UNet calls from CUDA graphs.
+    cuda_graph: bool = True
     _compiled: torch.nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
     @property

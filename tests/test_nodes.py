@@ -311,11 +311,33 @@ def test_lora_keeps_the_compile_choice_with_a_cache_of_its_own(loaded, models_di
     import folder_paths
 
     getattr(folder_paths, "filename_list_cache", {}).pop("lavie", None)
-    model = sub("loaders").LaVieLoader().load("test-tiny/base.safetensors", "auto", "auto", compile=True)[0]
+    model = sub("loaders").LaVieLoader().load("test-tiny/base.safetensors", "auto", "auto", compile=True,
+                                              cuda_graph=False)[0]
     model._compiled = torch.compile(model.unet, backend="eager")  # as after a compiled run (not called: no tracing)
     patched, report = sub("applications").LaVieLoRALoader().apply(model, "loras/tiny_q.safetensors", 1.0)
     assert report.endswith("1 UNet modules patched") and patched.patcher is not model.patcher
     assert patched.compile and patched._compiled is None and patched.kind == "base"
+    assert patched.cuda_graph is False
+
+
+@pytest.mark.parametrize("choice", [True, False], ids=["graphs", "no-graphs"])
+def test_cuda_graph_choice_reaches_the_stage(loaded, monkeypatch, choice):
+    from lavie_core import graphs, pipeline
+
+    wrapped = []
+
+    class Recording(graphs.GraphedCalls):
+        def __init__(self, fn, **kwargs):
+            wrapped.append(fn)
+            super().__init__(fn, **kwargs)
+
+    monkeypatch.setattr(pipeline, "GraphedCalls", Recording)
+    model = sub("loaders").LaVieLoader().load("test-tiny/base.safetensors", "auto", "auto", cuda_graph=choice)[0]
+    assert model.cuda_graph is choice
+    samples = sub("sampling").LaVieSampler().sample(
+        model, loaded["pos"], loaded["neg"], FRAMES, SIZE, SIZE, STEPS, 7.5, "ddim", "auto", 3)[0]["samples"]
+    assert wrapped == ([model.unet] if choice else [])
+    torch.testing.assert_close(samples, base_latent(loaded, seed=3)["samples"])
 
 
 def test_compile_failure_names_the_node_and_the_remedy(pack):
