@@ -81,7 +81,7 @@ class LaVieLoader:
             "compile": ("BOOLEAN", {"default": False, "tooltip": (
                 "Run the UNet through torch.compile. A compiled call takes about a sixth less time on an "
                 "H200 (with CUDA graphs: base 41.5 instead of 49 ms, interpolation 174 instead of 208, VSR "
-                "577 instead of 680), but each stage first compiles for 1-3 "
+                "585 instead of 680), but each stage first compiles for 1-3 "
                 "minutes, again for every new shape (frames, size, VSR chunk) in a ComfyUI session: it pays off "
                 "over repeated runs. Needs Triton on the GPU.")}),
             "cuda_graph": ("BOOLEAN", {"default": True, "tooltip": (
