@@ -151,7 +151,15 @@ def test_a_failed_capture_falls_back_to_plain_calls(caplog):
 
 @cuda
 @pytest.mark.parametrize("stage", ["text_to_video", "interpolate", "upscale"])
-def test_stages_equal_with_and_without_graphs(stage):
+def test_stages_equal_with_and_without_graphs(stage, monkeypatch):
+    made = []
+
+    class Kept(GraphedCalls):
+        def __init__(self, fn, **kwargs):
+            super().__init__(fn, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(P, "GraphedCalls", Kept)
     kind = {"text_to_video": "base", "interpolate": "interpolation", "upscale": "vsr"}[stage]
     model = _cuda_model(kind)
     text = torch.randn(1, 7, model.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
@@ -163,7 +171,10 @@ def test_stages_equal_with_and_without_graphs(stage):
     else:
         low_res = torch.rand(1, 3, 5, 8, 12, generator=torch.Generator().manual_seed(3)) * 2 - 1
         run = lambda g: P.upscale(model, low_res, text, text, steps=4, chunk_frames=2, chunk_overlap=0, cuda_graph=g)
-    assert torch.equal(run(True), run(False))
+    with_graphs = run(True)
+    assert len(made) == 1 and made[0].graphs and made[0].failure is None  # the stage really replayed
+    assert torch.equal(with_graphs, run(False))
+    assert len(made) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
