@@ -12,6 +12,11 @@ GroupNorm on a channels-last video is `channel_sums` (per-channel float32 sums a
 read) and `scale_shift` (normalisation and the SiLU that follows it, one read and one write);
 `blocks.group_norm` turns the sums into group statistics.
 
+Key-frame attention is flash attention where each frame's tokens attend to the tokens of a few chosen
+frames of their clip (the interpolation model's sparse causal attention: frames 0 and i-1), read in place,
+so the concatenated keys and values never exist. Heads that are not a power of two are split in two
+power-of-two parts (40 = 32 + 16) rather than padded (cuDNN pads 40 to 64).
+
 The feed-forward's GEGLU projection is one matmul kernel with two accumulators, the value and the gate half
 of the weight, that stores only `value * gelu(gate)`: the 2x-wide product never reaches memory.
 
@@ -34,7 +39,7 @@ except ImportError:  # CPU-only installs; callers check `available()`
 
 __all__ = [
     "available", "kernels_available", "kernels_usable", "is_cuda", "meta_as_cuda",
-    "temporal_attention", "channel_sums", "scale_shift", "geglu", "MAX_FRAMES",
+    "temporal_attention", "key_frame_attention", "channel_sums", "scale_shift", "geglu", "MAX_FRAMES",
 ]
 
 # A program holds `frames x head_dim` tiles of q, k, v and the scores in registers: up to 64 frames (the
@@ -144,6 +149,83 @@ if triton is not None:
         out = tl.dot(weights.to(v.dtype), v, input_precision=PRECISION) / tl.sum(weights, axis=1)[:, None]
         o_row = clip * stride_ob + token * stride_ol
         tl.store(out_ptr + o_row + frame[:, None] * stride_of + channel[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _key_frame_attention_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, key_frames_ptr, frames, tokens,
+        stride_qn, stride_ql, stride_kn, stride_kl, stride_vn, stride_vl, stride_on, stride_ol,
+        scale_log2,
+        KEY_TOKENS: tl.constexpr, LOOP_END: tl.constexpr, KEYS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        D0: tl.constexpr, D1: tl.constexpr, ROW_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        # One program: BLOCK_M query tokens of one frame and head, online softmax over the key frames' tokens.
+        # The head's channels are a D0 part and a masked D1 part (D1 = 0: none), so q k^T and p v are two dots
+        # each instead of one of the padded width. The loop bound is a compile-time constant (the interpreter
+        # needs one; a model has a few token counts) and spans at least two blocks: with a split head, Triton
+        # 3.5-3.6 compiled a one-block loop into a kernel that read out of bounds on an H200. A block past
+        # the keys is all masked and changes nothing.
+        block, row_head = tl.program_id(0), tl.program_id(1)
+        row = (row_head // HEADS).to(tl.int64)
+        head = row_head % HEADS
+        rm = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < tokens
+        d0 = tl.arange(0, D0)
+        c0 = head * HEAD_DIM + d0
+        d0_ok = d0 < HEAD_DIM
+        q_rows = q_ptr + row * stride_qn + rm.to(tl.int64)[:, None] * stride_ql
+        q0 = tl.load(q_rows + c0[None, :], mask=m_ok[:, None] & d0_ok[None, :], other=0.0)
+        if D1 > 0:
+            d1 = D0 + tl.arange(0, D1)
+            c1 = head * HEAD_DIM + d1
+            d1_ok = d1 < HEAD_DIM
+            q1 = tl.load(q_rows + c1[None, :], mask=m_ok[:, None] & d1_ok[None, :], other=0.0)
+            acc1 = tl.zeros((BLOCK_M, D1), tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_M,), tl.float32)
+        acc0 = tl.zeros((BLOCK_M, D0), tl.float32)
+        clip_first = row - row % frames
+        for s in tl.static_range(KEYS):
+            key_row = clip_first + tl.load(key_frames_ptr + (row % frames) * KEYS + s)
+            k_frame = k_ptr + key_row * stride_kn
+            v_frame = v_ptr + key_row * stride_vn
+            for start in range(0, LOOP_END, BLOCK_N):
+                rn = start + tl.arange(0, BLOCK_N)
+                n_ok = rn < KEY_TOKENS
+                k_rows = k_frame + rn[:, None] * stride_kl
+                v_rows = v_frame + rn[:, None] * stride_vl
+                k0 = tl.load(k_rows + c0[None, :], mask=n_ok[:, None] & d0_ok[None, :], other=0.0)
+                scores = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+                if D1 > 0:
+                    k1 = tl.load(k_rows + c1[None, :], mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
+                    scores = tl.dot(q1, tl.trans(k1), scores, input_precision=PRECISION)
+                scores = tl.where(n_ok[None, :], scores, float("-inf"))
+                # exp2 with the scale folded in: one multiply-add per score.
+                m_new = tl.maximum(m_i, tl.max(scores, 1) * scale_log2)
+                alpha = tl.math.exp2(m_i - m_new)
+                p = tl.math.exp2(scores * scale_log2 - m_new[:, None])
+                if not ROW_SUM:
+                    l_i = l_i * alpha + tl.sum(p, 1)
+                p = p.to(v_ptr.dtype.element_ty)
+                v0 = tl.load(v_rows + c0[None, :], mask=n_ok[:, None] & d0_ok[None, :], other=0.0)
+                acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=PRECISION)
+                if D1 > 0:
+                    v1 = tl.load(v_rows + c1[None, :], mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
+                    if ROW_SUM:
+                        # A column of ones in the padding makes the p v dot also sum each row of p: the
+                        # softmax denominator comes from the tensor cores, not a reduction per block.
+                        v1 = tl.where((d1 == HEAD_DIM)[None, :] & n_ok[:, None], 1.0, v1).to(v_ptr.dtype.element_ty)
+                    acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+                m_i = m_new
+        if ROW_SUM:
+            l_i = tl.sum(tl.where((d1 == HEAD_DIM)[None, :], acc1, 0.0), 1)
+        inv = 1.0 / l_i
+        o_rows = out_ptr + row * stride_on + rm.to(tl.int64)[:, None] * stride_ol
+        dtype = out_ptr.dtype.element_ty
+        tl.store(o_rows + c0[None, :], (acc0 * inv[:, None]).to(dtype), mask=m_ok[:, None] & d0_ok[None, :])
+        if D1 > 0:
+            tl.store(o_rows + c1[None, :], (acc1 * inv[:, None]).to(dtype), mask=m_ok[:, None] & d1_ok[None, :])
 
 
     @triton.jit
@@ -259,10 +341,10 @@ def _launch_scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
 
 
 def _geglu_config(k: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for a width-k projection: the fastest of nine
-    configurations measured on an H200 at the three models' widths (320-wide level 0 of base and interpolation:
-    smaller tiles, more stages)."""
-    return (128, 64, 32, 8, 4, 5) if k < 512 else (128, 128, 32, 8, 8, 4)
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for a width-k projection: the fastest of twelve
+    configurations measured on an H200 at the three models' widths (base and interpolation feed-forwards
+    per call: 5.3 -> 5.1 ms and 21.0 -> 19.4 ms against the earlier 32-deep tiles)."""
+    return (128, 64, 64, 8, 4, 3) if k < 1024 else (128, 128, 64, 8, 8, 4)
 
 
 def _launch_geglu(
@@ -280,6 +362,46 @@ def _launch_geglu(
         K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages,
     )
     return out.view(*x.shape[:-1], n)
+
+
+def _split_head_dim(head_dim: int) -> tuple[int, int]:
+    """(D0, D1): a power of two of at least 16 and a second one (0: none) that together cover the head."""
+    if head_dim <= 16:
+        return 16, 0
+    d0 = 1 << (head_dim.bit_length() - 1)
+    rest = head_dim - d0
+    return d0, 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
+
+
+def _key_frame_config(head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), the fastest of nine measured on an H200 at the interpolation
+    model's heads of 40, 80 and 160 channels."""
+    if head_dim <= 64:
+        return 128, 64, 8, 3
+    return (128, 64, 4, 3) if head_dim <= 128 else (64, 32, 4, 3)
+
+
+def _launch_key_frame_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, frames: int, key_frames: torch.Tensor
+) -> torch.Tensor:
+    rows, tokens, channels = q.shape
+    key_tokens = k.shape[1]
+    head_dim = channels // heads
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    d0, d1 = _split_head_dim(head_dim)
+    block_m, block_n, warps, stages = _key_frame_config(head_dim)
+    block_m = min(block_m, max(16, triton.next_power_of_2(tokens)))
+    block_n = min(block_n, max(16, triton.next_power_of_2(key_tokens)))
+    out = torch.empty(q.shape, device=q.device, dtype=v.dtype)
+    _key_frame_attention_kernel[(triton.cdiv(tokens, block_m), rows * heads)](
+        q, k, v, out, key_frames.to(device=q.device, dtype=torch.int64).contiguous(), frames, tokens,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        head_dim**-0.5 * 1.4426950408889634,
+        KEY_TOKENS=key_tokens, LOOP_END=max(key_tokens, 2 * block_n), KEYS=key_frames.shape[1], HEADS=heads, HEAD_DIM=head_dim, D0=d0, D1=d1,
+        ROW_SUM=d0 + d1 > head_dim > d0, BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION="ieee" if v.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
+    )
+    return out
 
 
 def _launch(
@@ -348,6 +470,17 @@ if _CUSTOM_OPS:
         return _temporal_attention_shape(q, v)
 
 
+    @torch.library.custom_op("lavie::key_frame_attention", mutates_args=())
+    def _key_frame_attention_op(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, frames: int, key_frames: torch.Tensor
+    ) -> torch.Tensor:
+        return _launch_key_frame_attention(q, k, v, heads, frames, key_frames)
+
+    @_key_frame_attention_op.register_fake
+    def _(q, k, v, heads, frames, key_frames):
+        return _temporal_attention_shape(q, v)
+
+
     @torch.library.custom_op("lavie::channel_sums", mutates_args=())
     def _channel_sums_op(x: torch.Tensor) -> torch.Tensor:
         return _launch_channel_sums(x)
@@ -371,6 +504,21 @@ if _CUSTOM_OPS:
     @_geglu_op.register_fake
     def _(x, weight, bias):
         return _geglu_shape(x, weight)
+
+    # FLOPs for torch's FlopCounterMode (bench/speed.py counts a call's FLOPs with it), as SDPA's are counted:
+    # two matmuls of `queries x keys x head_dim` per head.
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.lavie.key_frame_attention)
+    def _(q_shape, k_shape, v_shape, heads, frames, key_frames_shape, *_, **__) -> int:
+        rows, tokens, channels = q_shape
+        return 4 * rows * tokens * key_frames_shape[1] * k_shape[1] * channels
+
+    @register_flop_formula(torch.ops.lavie.temporal_attention)
+    def _(q_shape, *_, **__) -> int:
+        frames, channels = q_shape[1], q_shape[-1]
+        pixels = q_shape[0] * (q_shape[2] if len(q_shape) == 4 else 1)
+        return 4 * pixels * frames * frames * channels
 
 
 def _require_kernels(name: str) -> None:
@@ -464,3 +612,29 @@ def temporal_attention(
     if q.ndim == 3:
         return _temporal_attention_op(*(t.unsqueeze(2) for t in (q, k, v)), heads, cos, sin, bias).squeeze(2)
     return _temporal_attention_op(q, k, v, heads, cos, sin, bias)
+
+
+def key_frame_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, frames: int, key_frames: torch.Tensor
+) -> torch.Tensor:
+    """Softmax attention, scale d^-0.5, of each frame's tokens to the tokens of chosen frames of its clip.
+
+    q: `(b f) l (h d)`; k, v: `(b f) m (h d)`; key_frames: integers `f s`, the s frames that frame i attends
+    to (their tokens in that order, as if concatenated: `s m` keys). The output has q's shape. Sparse causal
+    attention is `key_frames[i] = (0, max(i - 1, 0))`.
+    """
+    if q.ndim != 3 or k.shape != v.shape or k.ndim != 3 or (q.shape[0], q.shape[2]) != (k.shape[0], k.shape[2]):
+        raise ValueError(
+            f"q must be `(b f) l c` and k, v `(b f) m c` of the same rows and channels, got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[2] % heads:
+        raise ValueError(f"{q.shape[2]} channels do not split into {heads} heads")
+    if q.shape[0] % frames:
+        raise ValueError(f"{q.shape[0]} rows are not clips of {frames} frames")
+    if key_frames.ndim != 2 or key_frames.shape[0] != frames or key_frames.dtype.is_floating_point:
+        raise ValueError(f"key_frames must be integers shaped ({frames}, s), got {key_frames.dtype} {tuple(key_frames.shape)}")
+    if q.is_meta:
+        return _temporal_attention_shape(q, v)
+    _require_kernels("key_frame_attention")
+    return _key_frame_attention_op(q, k, v, heads, frames, key_frames)

@@ -1,4 +1,4 @@
-"""Fused kernels against plain torch, case by case (temporal attention, GroupNorm passes, GEGLU); prints one JSON line per case.
+"""Fused kernels against plain torch, case by case (temporal and key-frame attention, GroupNorm passes, GEGLU); prints one JSON line per case.
 
 Run as a script (tests/test_fused.py does, with TRITON_INTERPRET=1 on the CPU) or imported on CUDA.
 """
@@ -106,13 +106,49 @@ def geglu_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.f
     return ((out.float() - expected).abs() / expected.abs().clamp(min=1)).max().item()
 
 
-ALL_CASES = [*CASES, *NORM_CASES, *GEGLU_CASES]
+# Key-frame attention. id: (clips, frames, query tokens, key tokens, heads, head_dim, key frames: "sparse"
+# for (0, i-1) or a list of rows). Heads of 40 (32 + 16 with the row-sum column), 80 (64 + 16), 160
+# (128 + 32), 8 (one masked 16) and 24 (16 + 16); token counts that leave partial blocks.
+KEY_FRAME_CASES = {
+    "key-frames-sparse-head-40": (2, 4, 33, 33, 2, 40, "sparse"),
+    "key-frames-sparse-head-80": (1, 3, 20, 20, 2, 80, "sparse"),
+    "key-frames-sparse-head-160": (1, 2, 17, 17, 1, 160, "sparse"),
+    "key-frames-small-head-8": (1, 3, 9, 9, 3, 8, "sparse"),
+    "key-frames-three-keys-head-24": (2, 3, 12, 70, 2, 24, [[0, 1, 2], [2, 2, 0], [1, 0, 1]]),
+}
+
+
+def key_frame_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    clips, frames, tokens, key_tokens, heads, head_dim, table = KEY_FRAME_CASES[case]
+    if table == "sparse":
+        previous = (torch.arange(frames) - 1).clamp(min=0)
+        table = torch.stack([torch.zeros_like(previous), previous], dim=1)
+    key_frames = torch.as_tensor(table)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(clips * frames, tokens, heads * head_dim, generator=g).to(device, dtype)
+    k, v = (torch.randn(clips * frames, key_tokens, heads * head_dim, generator=g).to(device, dtype) for _ in range(2))
+    gathered = [
+        rearrange(rearrange(t.float(), "(b f) m c -> b f m c", f=frames)[:, key_frames], "b f s m c -> (b f) (s m) c")
+        for t in (k, v)
+    ]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        *(rearrange(t, "n l (h d) -> n h l d", h=heads) for t in (q.float(), *gathered))
+    )
+    expected = rearrange(expected, "n h l d -> n l (h d)")
+    out = fused.key_frame_attention(q, k, v, heads, frames, key_frames.to(device))
+    assert out.shape == q.shape and out.dtype == dtype
+    return (out.float() - expected).abs().max().item()
+
+
+ALL_CASES = [*CASES, *NORM_CASES, *GEGLU_CASES, *KEY_FRAME_CASES]
 
 
 def case_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
     """The error of whichever kernel `case` belongs to."""
     if case in GEGLU_CASES:
         return geglu_max_error(case, device, dtype)
+    if case in KEY_FRAME_CASES:
+        return key_frame_max_error(case, device, dtype)
     return (norm_max_error if case in NORM_CASES else max_error)(case, device, dtype)
 
 

@@ -1,4 +1,4 @@
-"""The fused kernels (lavie_core/fused.py: temporal attention, GroupNorm's two passes, GEGLU) and the SDPA temporal
+"""The fused kernels (lavie_core/fused.py: temporal and key-frame attention, GroupNorm's two passes, GEGLU) and the SDPA temporal
 path against the plain torch computations they replace on CUDA.
 
 On the CPU the Triton kernels run in Triton's interpreter, in a subprocess because the interpreter is
@@ -18,6 +18,13 @@ from fused_cases import ALL_CASES, GEGLU_CASES, NORM_CASES, case_error
 from lavie_core import LaVieUNet, UNetConfig, blocks, fused
 
 ROOT = Path(__file__).resolve().parents[1]
+# The kernels serve half types without gradients; float32 and trainable weights take the torch paths.
+HALF_TYPE_DISPATCH = [
+    pytest.param(torch.float16, False, True, id="fp16"),
+    pytest.param(torch.bfloat16, False, True, id="bf16"),
+    pytest.param(torch.float32, False, False, id="fp32-torch-path"),
+    pytest.param(torch.float16, True, False, id="trainable-torch-path"),
+]
 triton_missing = fused.triton is None
 on_cuda = pytest.mark.skipif(triton_missing or not torch.cuda.is_available(), reason="needs CUDA and triton")
 
@@ -135,6 +142,58 @@ def test_bad_arguments_are_named(kwargs, match):
 
 
 @pytest.mark.parametrize(
+    "shapes,key_frames,heads,match",
+    [
+        pytest.param(((6, 5, 16), (6, 7, 16), (6, 5, 16)), [[0]] * 3, 2, r"`\(b f\) l c` and k, v `\(b f\) m c`", id="k-v-differ"),
+        pytest.param(((6, 5, 16), (4, 5, 16), (4, 5, 16)), [[0]] * 3, 2, "of the same rows and channels", id="rows-differ"),
+        pytest.param(((6, 5, 16),) * 3, [[0]] * 3, 3, "16 channels do not split into 3 heads", id="heads"),
+        pytest.param(((6, 5, 16),) * 3, [[0]] * 4, 2, "6 rows are not clips of 4 frames", id="frames"),
+        pytest.param(((6, 5, 16),) * 3, [0, 1, 2], 2, r"integers shaped \(3, s\), got torch.int64 \(3,\)", id="table-rank"),
+        pytest.param(((6, 5, 16),) * 3, [[0.0]] * 3, 2, "got torch.float32", id="table-float"),
+    ],
+)
+def test_bad_key_frame_arguments_are_named(shapes, key_frames, heads, match):
+    q, k, v = (torch.zeros(s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        fused.key_frame_attention(q, k, v, heads, len(key_frames), torch.tensor(key_frames))
+
+
+@pytest.mark.parametrize("dtype,grad,expected", HALF_TYPE_DISPATCH)
+def test_sparse_causal_dispatch(monkeypatch, dtype, grad, expected):
+    # Which path sparse causal attention takes, with the kernel replaced by a recorder (runs without a GPU).
+    attn = blocks.Attention(16, 2).to(dtype).requires_grad_(grad)
+    x = torch.randn(2 * 4, 5, 16).to(dtype)  # (b f) l c, 4 frames; only the weights may need a gradient
+    calls = []
+    monkeypatch.setattr(fused, "kernels_usable", lambda t: not (torch.is_grad_enabled() and t.requires_grad))
+
+    def record(q, k, v, heads, frames, key_frames):
+        calls.append((heads, frames, key_frames.tolist()))
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(fused, "key_frame_attention", record)
+    with torch.set_grad_enabled(grad):
+        out = blocks.sparse_causal_attention(attn, x, 4)
+    assert out.shape == x.shape
+    assert calls == ([(2, 4, [[0, 0], [0, 0], [0, 1], [0, 2]])] if expected else [])
+
+
+@pytest.mark.gpu
+@on_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dim,heads,tokens", [(320, 8, 40), (640, 8, 77), (1280, 8, 10)], ids=["head-40", "head-80", "head-160"])
+def test_cuda_sparse_causal_kernel_equals_gathered_sdpa(monkeypatch, dtype, dim, heads, tokens):
+    torch.manual_seed(0)
+    attn = blocks.Attention(dim, heads).cuda().to(dtype)
+    x = torch.randn(2 * 5, tokens, dim, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        out = blocks.sparse_causal_attention(attn, x, 5)
+        monkeypatch.setattr(fused, "kernels_usable", lambda *_: False)
+        ref = blocks.sparse_causal_attention(attn, x, 5)
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
     "shapes,dtypes,match",
     [
         pytest.param(((4, 8), (9, 8), (9,)), None, r"weight must be shaped \(2n, 8\), got \(9, 8\)", id="weight-odd-rows"),
@@ -173,15 +232,7 @@ def test_feed_forward_takes_the_geglu_kernel_for_half_types_only(dtype, monkeypa
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize(
-    "dtype,grad,expected",
-    [
-        pytest.param(torch.float16, False, True, id="fp16"),
-        pytest.param(torch.bfloat16, False, True, id="bf16"),
-        pytest.param(torch.float32, False, False, id="fp32-torch-path"),
-        pytest.param(torch.float16, True, False, id="trainable-torch-path"),
-    ],
-)
+@pytest.mark.parametrize("dtype,grad,expected", HALF_TYPE_DISPATCH)
 def test_geglu_dispatch(monkeypatch, dtype, grad, expected):
     # Which path GEGLU takes, with the kernel replaced by a recorder (runs without a GPU).
     geglu = blocks.GEGLU(8, 4).to(dtype)
@@ -194,3 +245,30 @@ def test_geglu_dispatch(monkeypatch, dtype, grad, expected):
     assert len(calls) == expected and out.shape == (3, 4)
     if expected:
         assert calls[0][0] is geglu.proj.weight and calls[0][1] is geglu.proj.bias
+
+
+@pytest.mark.skipif(not fused._CUSTOM_OPS, reason="needs torch.library.custom_op")
+@pytest.mark.parametrize("keys", [1, 2, 3], ids=["one-key-frame", "sparse-causal", "three-key-frames"])
+def test_attention_kernels_count_the_flops_of_the_sdpa_they_replace(keys):
+    # bench/speed.py reports TFLOP/s from torch's FlopCounterMode, on meta tensors here.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rows, frames, tokens, key_tokens, heads, head_dim = 6, 3, 5, 7, 2, 8
+    q = torch.zeros(rows, tokens, heads * head_dim, device="meta")
+    k = torch.zeros(rows, key_tokens, heads * head_dim, device="meta")
+    with FlopCounterMode(display=False) as kernel:
+        torch.ops.lavie.key_frame_attention(q, k, k, heads, frames, torch.zeros(frames, keys, dtype=torch.long, device="meta"))
+    gathered = torch.zeros(rows, heads, keys * key_tokens, head_dim, device="meta")
+    with FlopCounterMode(display=False) as sdpa:
+        torch.nn.functional.scaled_dot_product_attention(
+            torch.zeros(rows, heads, tokens, head_dim, device="meta"), gathered, gathered
+        )
+    assert kernel.get_total_flops() == sdpa.get_total_flops() > 0
+
+    video = torch.zeros(2, frames, tokens, heads * head_dim, device="meta")  # b f l c
+    with FlopCounterMode(display=False) as kernel:
+        torch.ops.lavie.temporal_attention(video, video, video, heads, None, None, None)
+    per_pixel = torch.zeros(2 * tokens, heads, frames, head_dim, device="meta")
+    with FlopCounterMode(display=False) as sdpa:
+        torch.nn.functional.scaled_dot_product_attention(per_pixel, per_pixel, per_pixel)
+    assert kernel.get_total_flops() == sdpa.get_total_flops() > 0
