@@ -185,9 +185,9 @@ if triton is not None:
         m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc0 = tl.zeros((BLOCK_M, D0), tl.float32)
-        clip_first = row - row % frames
+        frame = row % frames
         for s in tl.static_range(KEYS):
-            key_row = clip_first + tl.load(key_frames_ptr + (row % frames) * KEYS + s)
+            key_row = row - frame + tl.load(key_frames_ptr + frame * KEYS + s)
             k_frame = k_ptr + key_row * stride_kn
             v_frame = v_ptr + key_row * stride_vn
             for start in range(0, LOOP_END, BLOCK_N):
@@ -340,6 +340,16 @@ def _launch_scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
     return out
 
 
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy where its channels are not adjacent (the kernels index rows by stride)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """Tensor-core dots round float32 inputs to tf32 unless told otherwise: exact for float32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _geglu_config(k: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for a width-k projection: the fastest of twelve
     configurations measured on an H200 at the three models' widths (base and interpolation feed-forwards
@@ -350,11 +360,8 @@ def _geglu_config(k: int) -> tuple[int, int, int, int, int, int]:
 def _launch_geglu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, config: tuple[int, ...] | None = None
 ) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
+    rows, weight = _unit_stride(x.reshape(-1, x.shape[-1])), _unit_stride(weight)
     block_m, block_n, block_k, group_m, warps, stages = config or _geglu_config(rows.shape[1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
-    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     (m, k), n = rows.shape, weight.shape[0] // 2
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     _geglu_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
@@ -387,7 +394,7 @@ def _launch_key_frame_attention(
     rows, tokens, channels = q.shape
     key_tokens = k.shape[1]
     head_dim = channels // heads
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = (_unit_stride(t) for t in (q, k, v))
     d0, d1 = _split_head_dim(head_dim)
     block_m, block_n, warps, stages = _key_frame_config(head_dim)
     block_m = min(block_m, max(16, triton.next_power_of_2(tokens)))
@@ -399,7 +406,7 @@ def _launch_key_frame_attention(
         head_dim**-0.5 * 1.4426950408889634,
         KEY_TOKENS=key_tokens, LOOP_END=max(key_tokens, 2 * block_n), KEYS=key_frames.shape[1], HEADS=heads, HEAD_DIM=head_dim, D0=d0, D1=d1,
         ROW_SUM=d0 + d1 > head_dim > d0, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION="ieee" if v.dtype == torch.float32 else "tf32", num_warps=warps, num_stages=stages,
+        PRECISION=_dot_precision(v.dtype), num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -410,7 +417,7 @@ def _launch(
 ) -> torch.Tensor:
     clips, frames, tokens, channels = q.shape
     head_dim = channels // heads
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q, k, v = (_unit_stride(t) for t in (q, k, v))
     out = torch.empty(q.shape, device=q.device, dtype=v.dtype)
     # Tensor-core dots need at least 16 rows, columns and depth: padding is masked, never read or written.
     frames_pad = max(16, triton.next_power_of_2(frames))
@@ -423,7 +430,7 @@ def _launch(
         tokens, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         head_dim**-0.5,
         FRAMES=frames, FRAMES_PAD=frames_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        ROTARY_DIM=rotary_dim, HAS_BIAS=bias is not None, PRECISION="ieee" if v.dtype == torch.float32 else "tf32",
+        ROTARY_DIM=rotary_dim, HAS_BIAS=bias is not None, PRECISION=_dot_precision(v.dtype),
         num_warps=_temporal_warps(frames_pad, head_dim_pad),
     )
     return out
@@ -440,7 +447,7 @@ def _temporal_warps(frames_pad: int, head_dim_pad: int) -> int:
 
 # What each kernel allocates: its output. Custom ops' fake kernels for torch.compile, and the result on meta
 # tensors (`meta_as_cuda`).
-def _temporal_attention_shape(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _attention_shape(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.empty(q.shape, device=q.device, dtype=v.dtype)
 
 
@@ -467,7 +474,7 @@ if _CUSTOM_OPS:
 
     @_temporal_attention_op.register_fake
     def _(q, k, v, heads, cos, sin, bias):
-        return _temporal_attention_shape(q, v)
+        return _attention_shape(q, v)
 
 
     @torch.library.custom_op("lavie::key_frame_attention", mutates_args=())
@@ -478,7 +485,7 @@ if _CUSTOM_OPS:
 
     @_key_frame_attention_op.register_fake
     def _(q, k, v, heads, frames, key_frames):
-        return _temporal_attention_shape(q, v)
+        return _attention_shape(q, v)
 
 
     @torch.library.custom_op("lavie::channel_sums", mutates_args=())
@@ -607,7 +614,7 @@ def temporal_attention(
         cos = sin = None
     bias = None if bias is None else bias.float().contiguous()
     if q.is_meta:
-        return _temporal_attention_shape(q, v)
+        return _attention_shape(q, v)
     _require_kernels("temporal_attention")
     if q.ndim == 3:
         return _temporal_attention_op(*(t.unsqueeze(2) for t in (q, k, v)), heads, cos, sin, bias).squeeze(2)
@@ -635,6 +642,6 @@ def key_frame_attention(
     if key_frames.ndim != 2 or key_frames.shape[0] != frames or key_frames.dtype.is_floating_point:
         raise ValueError(f"key_frames must be integers shaped ({frames}, s), got {key_frames.dtype} {tuple(key_frames.shape)}")
     if q.is_meta:
-        return _temporal_attention_shape(q, v)
+        return _attention_shape(q, v)
     _require_kernels("key_frame_attention")
     return _key_frame_attention_op(q, k, v, heads, frames, key_frames)

@@ -306,7 +306,7 @@ def compile_unet(unet: nn.Module, *, backend: str = "inductor") -> nn.Module:
     UNet's parameters, so weights moved or patched in place (device offloading, LoRA) stay in use.
     Measured on an H200 (fp16, one guided call), eager against compiled, without CUDA graphs: base 68 ->
     43.1-44.5 ms, interpolation 216 -> 180 ms, VSR 8-frame chunk 681 -> 577 ms; replayed from CUDA graphs
-    (`lavie_core.graphs`), base 49 -> 41.5 ms and interpolation 208 -> 174 ms. Compiling takes about 1 to 3 minutes
+    (`lavie_core.graphs`), base 49 -> 41.5 ms and interpolation 188 -> 171-173 ms. Compiling takes about 1 to 3 minutes
     per stage and shape. `backend` is torch.compile's (Inductor by default).
 
     Raises torch's per-function graph limit (process-wide) to at least `RECOMPILE_LIMIT`, since all UNets

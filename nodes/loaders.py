@@ -79,8 +79,8 @@ class LaVieLoader:
             **dtype_device_inputs(),
         }, "optional": {
             "compile": ("BOOLEAN", {"default": False, "tooltip": (
-                "Run the UNet through torch.compile. A compiled call takes about a sixth less time on an "
-                "H200 (with CUDA graphs: base 41.5 instead of 49 ms, interpolation 174 instead of 208, VSR "
+                "Run the UNet through torch.compile. A compiled call takes a tenth to a sixth less time on an "
+                "H200 (with CUDA graphs: base 41.5 instead of 49 ms, interpolation 172 instead of 188, VSR "
                 "585 instead of 680), but each stage first compiles for 1-3 "
                 "minutes, again for every new shape (frames, size, VSR chunk) in a ComfyUI session: it pays off "
                 "over repeated runs. Needs Triton on the GPU.")}),
