@@ -304,10 +304,10 @@ def compile_unet(unet: nn.Module, *, backend: str = "inductor") -> nn.Module:
     A stage calls its UNet with the same shapes at every step, so nothing recompiles within a stage; a
     new shape (frames, size, a VSR chunk, a guidance mode) compiles once more. The wrapper shares the
     UNet's parameters, so weights moved or patched in place (device offloading, LoRA) stay in use.
-    Measured on an H200 (fp16, one guided call), eager against compiled, without CUDA graphs: base 68 ->
-    43.1-44.5 ms, interpolation 216 -> 180 ms, VSR 8-frame chunk 681 -> 577 ms; replayed from CUDA graphs
-    (`lavie_core.graphs`), base 49 -> 41.5 ms and interpolation 188 -> 171-173 ms. Compiling takes about 1 to 3 minutes
-    per stage and shape. `backend` is torch.compile's (Inductor by default).
+    Measured on an H200 (fp16, one guided call, replayed from CUDA graphs: `lavie_core.graphs`), eager
+    against compiled: base 44.4 -> 40.5 ms, interpolation 171.5 -> 170.3 ms, VSR 8-frame chunk 588.5 ->
+    572.5 ms. Compiling takes about 1 to 3 minutes per stage and shape, so it pays off over repeated runs.
+    `backend` is torch.compile's (Inductor by default).
 
     Raises torch's per-function graph limit (process-wide) to at least `RECOMPILE_LIMIT`, since all UNets
     and shapes share one forward.

@@ -1,4 +1,5 @@
-"""Fused kernels against plain torch, case by case (temporal and key-frame attention, GroupNorm passes, GEGLU); prints one JSON line per case.
+"""Fused kernels against plain torch, case by case (temporal and key-frame attention, GroupNorm passes, GEGLU,
+bias add, LayerNorm); prints one JSON line per case.
 
 Run as a script (tests/test_fused.py does, with TRITON_INTERPRET=1 on the CPU) or imported on CUDA.
 """
@@ -140,7 +141,53 @@ def key_frame_max_error(case: str, device: str = "cpu", dtype: torch.dtype = tor
     return (out.float() - expected).abs().max().item()
 
 
-ALL_CASES = [*CASES, *NORM_CASES, *GEGLU_CASES, *KEY_FRAME_CASES]
+# A convolution's bias (and residual) added in place. id: (shape `n c ...`, residual); stored channels-last.
+# 4 channels (the output convolution) and 320 (two column blocks, the second partial) cover the edges.
+BIAS_CASES = {
+    "bias-frames-residual": ((6, 40, 5, 7), True),
+    "bias-video-5d": ((2, 24, 3, 5, 4), False),
+    "bias-four-channels-residual": ((3, 4, 9, 11), True),
+    "bias-wide-channels": ((2, 320, 3, 3), False),
+}
+
+
+def bias_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Error relative to the magnitude (at least 1) against float32 sums of the same inputs."""
+    shape, with_residual = BIAS_CASES[case]
+    fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    g = torch.Generator().manual_seed(0)
+    x, residual = (torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=fmt) for _ in range(2))
+    bias = torch.randn(shape[1], generator=g).to(device, dtype)
+    expected = x.float() + bias.float().view(-1, *[1] * (len(shape) - 2))
+    expected = expected + residual.float() if with_residual else expected
+    out = fused.bias_add_(x, bias, residual if with_residual else None)
+    assert out is x and out.is_contiguous(memory_format=fmt)
+    return ((out.float() - expected).abs() / expected.abs().clamp(min=1)).max().item()
+
+
+# LayerNorm over the last dimension. id: (rows, channels, strided): 40 and 1280 channels leave masked
+# columns (one block of 64 and 2048); `strided` reads every other row of a longer tensor.
+LAYER_NORM_CASES = {
+    "layer-norm-odd-channels": (37, 40, False),
+    "layer-norm-wide-1280": (5, 1280, False),
+    "layer-norm-strided-rows": (9, 320, True),
+}
+
+
+def layer_norm_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Error relative to the magnitude (at least 1) against float32 LayerNorm of the same inputs."""
+    rows, channels, strided = LAYER_NORM_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2 * rows if strided else rows, channels, generator=g) * 3 + 1).to(device, dtype)
+    x = x[::2] if strided else x
+    weight, bias = (torch.randn(channels, generator=g).to(device, dtype) for _ in range(2))
+    expected = torch.nn.functional.layer_norm(x.float(), (channels,), weight.float(), bias.float(), 1e-5)
+    out = fused.layer_norm(x, weight, bias, 1e-5)
+    assert out.shape == x.shape and out.dtype == dtype
+    return ((out.float() - expected).abs() / expected.abs().clamp(min=1)).max().item()
+
+
+ALL_CASES = [*CASES, *NORM_CASES, *GEGLU_CASES, *KEY_FRAME_CASES, *BIAS_CASES, *LAYER_NORM_CASES]
 
 
 def case_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
@@ -149,6 +196,10 @@ def case_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         return geglu_max_error(case, device, dtype)
     if case in KEY_FRAME_CASES:
         return key_frame_max_error(case, device, dtype)
+    if case in BIAS_CASES:
+        return bias_max_error(case, device, dtype)
+    if case in LAYER_NORM_CASES:
+        return layer_norm_max_error(case, device, dtype)
     return (norm_max_error if case in NORM_CASES else max_error)(case, device, dtype)
 
 

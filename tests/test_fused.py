@@ -1,5 +1,5 @@
-"""The fused kernels (lavie_core/fused.py: temporal and key-frame attention, GroupNorm's two passes, GEGLU) and the SDPA temporal
-path against the plain torch computations they replace on CUDA.
+"""The fused kernels (lavie_core/fused.py: temporal and key-frame attention, GroupNorm's two passes, GEGLU,
+bias add, LayerNorm) and the SDPA temporal path against the plain torch computations they replace on CUDA.
 
 On the CPU the Triton kernels run in Triton's interpreter, in a subprocess because the interpreter is
 chosen when a kernel is defined.
@@ -14,7 +14,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from fused_cases import ALL_CASES, GEGLU_CASES, NORM_CASES, case_error
+from fused_cases import ALL_CASES, BIAS_CASES, GEGLU_CASES, LAYER_NORM_CASES, NORM_CASES, case_error
 from lavie_core import LaVieUNet, UNetConfig, blocks, fused
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +56,10 @@ def test_cuda_kernels_match_torch(case):
         assert case_error(case, "cuda", torch.bfloat16) < 8e-3
         return
     assert case_error(case, "cuda") < 1e-5
-    # GroupNorm's error is relative to the magnitude; attention's is absolute on outputs of order 1.
-    assert case_error(case, "cuda", torch.float16) < (1e-3 if case in NORM_CASES else 2e-2)
+    # The norms' and the bias add's errors are relative to the magnitude; attention's is absolute on outputs
+    # of order 1.
+    relative = case in NORM_CASES or case in BIAS_CASES or case in LAYER_NORM_CASES
+    assert case_error(case, "cuda", torch.float16) < (1e-3 if relative else 2e-2)
 
 
 @pytest.mark.gpu
@@ -108,9 +110,27 @@ def test_cuda_sdpa_on_video_tokens_equals_pixel_grouped(monkeypatch, dtype, max_
             lambda: fused.scale_shift(torch.zeros(2, 5, 4), torch.zeros(2, 4), torch.zeros(4)),
             r"per-channel values must be shaped \(2, 4\), got \(4,\)", id="shift-shape",
         ),
+        pytest.param(
+            lambda: fused.bias_add_(torch.zeros(2, 3, 4, 4), torch.zeros(3)),
+            r"takes a channels-last x and a \(3,\) bias", id="bias-layout",
+        ),
+        pytest.param(
+            lambda: fused.bias_add_(torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last), torch.zeros(4)),
+            r"a \(3,\) bias, got \(4,\)", id="bias-shape",
+        ),
+        pytest.param(
+            lambda: fused.bias_add_(
+                torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last), torch.zeros(3), torch.zeros(2, 3, 4, 4)
+            ),
+            r"residual must be a channels-last \(2, 3, 4, 4\)", id="bias-residual-layout",
+        ),
+        pytest.param(
+            lambda: fused.layer_norm(torch.zeros(2, 5, 8), torch.zeros(8), torch.zeros(5), 1e-5),
+            r"weight and bias must be shaped \(8,\), got \(8,\), \(5,\)", id="layer-norm-bias-shape",
+        ),
     ],
 )
-def test_bad_norm_arguments_are_named(call, match):
+def test_bad_per_channel_arguments_are_named(call, match):
     with pytest.raises(ValueError, match=match):
         call()
 
@@ -272,3 +292,59 @@ def test_attention_kernels_count_the_flops_of_the_sdpa_they_replace(keys):
     with FlopCounterMode(display=False) as sdpa:
         torch.nn.functional.scaled_dot_product_attention(per_pixel, per_pixel, per_pixel)
     assert kernel.get_total_flops() == sdpa.get_total_flops() > 0
+
+
+@pytest.mark.gpu
+@on_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_cuda_conv_adds_bias_and_residual_in_one_pass(monkeypatch, dtype):
+    calls = []
+    bias_add = fused.bias_add_
+    monkeypatch.setattr(fused, "bias_add_", lambda *args: calls.append(args[0].shape) or bias_add(*args))
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(64, 48, 3, padding=1).cuda().to(dtype).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 64, 16, 16, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(4, 48, 16, 16, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = blocks.conv(conv, x, residual=residual)
+        want = conv(x).float() + residual.float()
+    assert calls == [(4, 48, 16, 16)] and got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got.float(), want, rtol=1e-3 if dtype == torch.float16 else 1e-5, atol=1e-2 if dtype == torch.float16 else 1e-4)
+
+
+@pytest.mark.parametrize(
+    "dtype,grad,expected",
+    [
+        pytest.param(torch.float16, False, True, id="fp16"),
+        pytest.param(torch.bfloat16, False, True, id="bf16"),
+        pytest.param(torch.float32, False, True, id="fp32"),
+        pytest.param(torch.float16, True, False, id="trainable-torch-path"),
+    ],
+)
+def test_layer_norm_dispatch(monkeypatch, dtype, grad, expected):
+    """blocks.LayerNorm takes the kernel (float32 statistics, any dtype) wherever the kernels run and no
+    gradient is needed, and never under torch.compile (which fuses LayerNorm with its neighbours)."""
+    calls = []
+    monkeypatch.setattr(fused, "kernels_usable", lambda *_: True)
+    monkeypatch.setattr(fused, "layer_norm", lambda x, *_: calls.append(x.shape) or x)
+    norm = blocks.LayerNorm(8).to(dtype).requires_grad_(grad)
+    x = torch.randn(3, 4, 8, dtype=dtype)
+    with torch.no_grad() if not grad else torch.enable_grad():
+        norm(x)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        norm(x)
+    assert calls == ([(3, 4, 8)] if expected else [])
+
+
+@pytest.mark.gpu
+@on_cuda
+def test_cuda_layer_norm_equals_torch():
+    torch.manual_seed(0)
+    norm = blocks.LayerNorm(320).cuda().half()
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 1000, 320, device="cuda", dtype=torch.half)
+    with torch.no_grad():
+        got = norm(x)
+        want = torch.nn.functional.layer_norm(x.float(), (320,), norm.weight.float(), norm.bias.float(), norm.eps)
+    torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=4e-3)

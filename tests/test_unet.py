@@ -126,18 +126,70 @@ def test_self_attention_projects_q_k_v_in_one_matmul_with_the_current_weights(mo
             attn.to_k.weight.add_(torch.randn_like(attn.to_k.weight))
 
 
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "inference"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("shape", [(2, 3, 4, 6), (1, 4, 1, 1), (3, 2, 5, 3)], ids=["4x6", "1x1", "5x3"])
-def test_upsample_conv_equals_convolving_the_nearest_upsampled_image(shape, bias, layout):
+def test_upsample_conv_equals_convolving_the_nearest_upsampled_image(shape, bias, layout, grad):
     n, c, h, w = shape
     conv = torch.nn.Conv2d(c, 5, 3, padding=1, bias=bias).double()
     x = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=layout)
-    want = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
-    got = blocks.upsample_conv(x, conv)
+    with torch.set_grad_enabled(grad):
+        want = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
+        got = blocks.upsample_conv(x, conv)
+    assert got.requires_grad == grad
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     # A 1x1 image is both layouts at once; it stays channels-last, as the UNet runs.
     assert got.is_contiguous(memory_format=torch.channels_last if h * w == 1 else layout)
+
+
+# blocks.conv: module, input shape, stored channels-last. 1x1 convolutions of channels-last inputs run as
+# matmuls; the rest, and other layouts, as convolutions.
+CONV_CASES = [
+    pytest.param(torch.nn.Conv2d(6, 5, 1), (2, 6, 4, 3), True, id="pointwise-matmul"),
+    pytest.param(torch.nn.Conv2d(6, 5, 1), (2, 6, 4, 3), False, id="pointwise-default-layout"),
+    pytest.param(torch.nn.Conv2d(6, 5, 1, stride=2), (2, 6, 4, 3), True, id="strided-pointwise"),
+    pytest.param(torch.nn.Conv2d(6, 5, 3, padding=1), (2, 6, 4, 3), True, id="3x3"),
+    pytest.param(torch.nn.Conv3d(6, 5, (3, 1, 1), padding=(1, 0, 0)), (2, 6, 3, 4, 3), True, id="temporal-3d"),
+    pytest.param(torch.nn.Conv3d(6, 5, 1), (2, 6, 3, 4, 3), True, id="pointwise-3d"),
+]
+
+
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "alone"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("module,shape,channels_last", CONV_CASES)
+def test_conv_is_the_module_plus_the_residual(module, shape, channels_last, bias, with_residual):
+    module = module.double()
+    fmt = (torch.channels_last if len(shape) == 4 else torch.channels_last_3d) if channels_last else torch.contiguous_format
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
+    want = module._conv_forward(x, module.weight, module.bias if bias else None)
+    residual = torch.randn(want.shape, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        got = blocks.conv(module, x, residual=residual if with_residual else None, bias=bias)
+    torch.testing.assert_close(got, want + residual if with_residual else want, rtol=0, atol=1e-12)
+    # Never a layout change the plain path avoids: a sum keeps the residual's layout; alone, the result has at
+    # least the convolution's (a CPU Conv3d returns the default layout, a matmul of rows channels-last).
+    plain = residual if with_residual else want
+    assert got.is_contiguous(memory_format=fmt) or not plain.is_contiguous(memory_format=fmt)
+
+
+def test_resnet_block_folds_conv1_bias_into_the_norm():
+    """conv1 runs without its bias, which norm2's offset carries: the block equals the unfolded formula."""
+    block = blocks.ResnetBlock(8, 12, 16, groups=4, eps=1e-6).double()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, 8, 3, 5, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last_3d)
+    temb = torch.randn(2, 16, dtype=torch.float64)
+    frames = lambda t: rearrange(t, "b c f h w -> (b f) c h w")  # noqa: E731
+    video = lambda t: rearrange(t, "(b f) c h w -> b c f h w", b=2)  # noqa: E731
+    silu_norm = lambda t, norm: torch.nn.functional.silu(torch.nn.functional.group_norm(t, 4, norm.weight, norm.bias, 1e-6))  # noqa: E731
+    with torch.no_grad():
+        h = video(torch.nn.functional.conv2d(frames(silu_norm(x, block.norm1)), block.conv1.weight, block.conv1.bias, padding=1))
+        h = h + block.time_emb_proj(torch.nn.functional.silu(temb))[:, :, None, None, None]
+        h = video(torch.nn.functional.conv2d(frames(silu_norm(h, block.norm2)), block.conv2.weight, block.conv2.bias, padding=1))
+        skip = video(torch.nn.functional.conv2d(frames(x), block.conv_shortcut.weight, block.conv_shortcut.bias))
+        torch.testing.assert_close(block(x, temb), skip + h, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("size", [(8, 12), (7, 11)], ids=["twice", "skip-sized"])
@@ -226,9 +278,9 @@ def test_convolutions_see_channels_last_video_through_the_shared_prefix(kind, mo
     seen = []
     forward = blocks.FrameConv2d.forward
 
-    def spy(self, x):
+    def spy(self, x, **kwargs):
         seen.append(x.is_contiguous(memory_format=torch.channels_last_3d))
-        return forward(self, x)
+        return forward(self, x, **kwargs)
 
     monkeypatch.setattr(blocks.FrameConv2d, "forward", spy)
     model = tiny_model(kind).use_channels_last()
