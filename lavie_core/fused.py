@@ -44,7 +44,7 @@ except ImportError:  # CPU-only installs; callers check `available()`
 __all__ = [
     "available", "kernels_available", "kernels_usable", "is_cuda", "meta_as_cuda",
     "temporal_attention", "key_frame_attention", "channel_sums", "scale_shift", "geglu", "bias_add_",
-    "channels_last_rows", "layer_norm", "MAX_FRAMES",
+    "channels_last_rows", "layer_norm", "concat_channels", "MAX_FRAMES",
 ]
 
 # A program holds `frames x head_dim` tiles of q, k, v and the scores in registers: up to 64 frames (the
@@ -291,6 +291,23 @@ if triton is not None:
 
 
     @triton.jit
+    def _concat_channels_kernel(
+        a_ptr, b_ptr, out_ptr, rows, pixels, b_samples,
+        CA: tl.constexpr, CB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        r_ok = (r < rows)[:, None]
+        in_a = (cols < CA)[None, :]
+        in_b = ((cols >= CA) & (cols < CA + CB))[None, :]
+        # b's samples repeat along the batch (`torch.cat([b] * n)`): row r reads sample (r // pixels) % b_samples.
+        b_row = ((r // pixels) % b_samples).to(tl.int64) * pixels + r % pixels
+        va = tl.load(a_ptr + r.to(tl.int64)[:, None] * CA + cols[None, :], mask=r_ok & in_a, other=0.0)
+        vb = tl.load(b_ptr + b_row[:, None] * CB + (cols - CA)[None, :], mask=r_ok & in_b, other=0.0)
+        out = out_ptr + r.to(tl.int64)[:, None] * (CA + CB) + cols[None, :]
+        tl.store(out, tl.where(in_a, va, vb), mask=r_ok & (in_a | in_b))
+
+    @triton.jit
     def _layer_norm_kernel(
         x_ptr, weight_ptr, bias_ptr, out_ptr, rows, stride_x, eps,
         CHANNELS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -386,6 +403,16 @@ def _launch_bias_add(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor
     _bias_add_kernel[(triton.cdiv(rows, block_r), triton.cdiv(channels, block_c))](
         x, bias.contiguous(), x if residual is None else residual, rows,
         CHANNELS=channels, RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    )
+
+
+def _launch_concat_channels(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, b_samples: int, pixels: int) -> None:
+    rows, ca = a.shape
+    channels = ca + b.shape[1]
+    block_c = min(128, triton.next_power_of_2(channels))
+    block_r = max(1, 4096 // block_c)
+    _concat_channels_kernel[(triton.cdiv(rows, block_r), triton.cdiv(channels, block_c))](
+        a, b, out, rows, pixels, b_samples, CA=ca, CB=b.shape[1], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
 
 
@@ -652,6 +679,27 @@ def bias_add_(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None
         _require_kernels("bias_add_")
         _launch_bias_add(rows, bias, res)
     return x
+
+
+def concat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`torch.cat([a, torch.cat([b] * n)], dim=1)` with n = a's batch / b's, written channels-last in one pass
+    (a UNet's skip connection, whose batch the guidance halves may share).
+
+    a: `B ca ...`, b: `Bb cb ...` with the same trailing sizes and B a multiple of Bb, both stored
+    channels-last and dense. torch's concatenation of channels-last tensors along the channels copies each
+    part with its strided kernel, and the repeated skip is a copy of its own.
+    """
+    rows_a, rows_b = channels_last_rows(a), channels_last_rows(b)
+    if rows_a is None or rows_b is None or a.shape[2:] != b.shape[2:] or a.shape[0] % b.shape[0] or a.dtype != b.dtype:
+        raise ValueError(
+            f"concat_channels takes channels-last tensors of one dtype, trailing sizes and a batch that is a "
+            f"multiple of the second's, got {tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}"
+        )
+    rows = torch.empty((rows_a.shape[0], a.shape[1] + b.shape[1]), dtype=a.dtype, device=a.device)
+    if not a.is_meta:
+        _require_kernels("concat_channels")
+        _launch_concat_channels(rows_a, rows_b, rows, b.shape[0], rows_a.shape[0] // a.shape[0])
+    return rows.view(*a.movedim(1, -1).shape[:-1], -1).movedim(-1, 1)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:

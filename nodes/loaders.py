@@ -79,9 +79,9 @@ class LaVieLoader:
             **dtype_device_inputs(),
         }, "optional": {
             "compile": ("BOOLEAN", {"default": False, "tooltip": (
-                "Run the UNet through torch.compile. A compiled call takes up to a tenth less time on an "
-                "H200 (with CUDA graphs: base 40.5 instead of 44.4 ms, interpolation 170 instead of 171.5, VSR "
-                "573 instead of 588), but each stage first compiles for 1-3 "
+                "Run the UNet through torch.compile. On an H200 a compiled call took 1-7% less time (with CUDA "
+                "graphs: base 40.5 instead of 43.3 ms, VSR 573 instead of 579; interpolation the same, 170), "
+                "but each stage first compiles for 1-3 "
                 "minutes, again for every new shape (frames, size, VSR chunk) in a ComfyUI session: it pays off "
                 "over repeated runs. Needs Triton on the GPU.")}),
             "cuda_graph": ("BOOLEAN", {"default": True, "tooltip": (

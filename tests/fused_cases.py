@@ -1,5 +1,5 @@
 """Fused kernels against plain torch, case by case (temporal and key-frame attention, GroupNorm passes, GEGLU,
-bias add, LayerNorm); prints one JSON line per case.
+bias add, LayerNorm, channel concatenation); prints one JSON line per case.
 
 Run as a script (tests/test_fused.py does, with TRITON_INTERPRET=1 on the CPU) or imported on CUDA.
 """
@@ -187,7 +187,29 @@ def layer_norm_max_error(case: str, device: str = "cpu", dtype: torch.dtype = to
     return ((out.float() - expected).abs() / expected.abs().clamp(min=1)).max().item()
 
 
-ALL_CASES = [*CASES, *NORM_CASES, *GEGLU_CASES, *KEY_FRAME_CASES, *BIAS_CASES, *LAYER_NORM_CASES]
+# A skip connection joined on channels. id: (a's shape, b's channels, b's batch): b's samples repeat when its
+# batch is smaller (guidance halves sharing the text-free prefix); 5 + 3 and 40 + 100 channels leave partial
+# column blocks, one of them straddling the two parts.
+CONCAT_CASES = {
+    "concat-video-shared-skip": ((4, 40, 3, 5, 2), 100, 2),
+    "concat-frames-same-batch": ((3, 5, 7, 9), 3, 3),
+    "concat-one-skip-sample": ((2, 64, 4, 4), 64, 1),
+}
+
+
+def concat_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    a_shape, cb, b_batch = CONCAT_CASES[case]
+    fmt = torch.channels_last if len(a_shape) == 4 else torch.channels_last_3d
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(a_shape, generator=g).to(device, dtype).contiguous(memory_format=fmt)
+    b = torch.randn(b_batch, cb, *a_shape[2:], generator=g).to(device, dtype).contiguous(memory_format=fmt)
+    expected = torch.cat([a, torch.cat([b] * (a_shape[0] // b_batch))], dim=1)
+    out = fused.concat_channels(a, b)
+    assert out.shape == expected.shape and out.is_contiguous(memory_format=fmt)
+    return (out.float() - expected.float()).abs().max().item()
+
+
+ALL_CASES = [*CASES, *NORM_CASES, *GEGLU_CASES, *KEY_FRAME_CASES, *BIAS_CASES, *LAYER_NORM_CASES, *CONCAT_CASES]
 
 
 def case_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
@@ -200,6 +222,8 @@ def case_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         return bias_max_error(case, device, dtype)
     if case in LAYER_NORM_CASES:
         return layer_norm_max_error(case, device, dtype)
+    if case in CONCAT_CASES:
+        return concat_max_error(case, device, dtype)
     return (norm_max_error if case in NORM_CASES else max_error)(case, device, dtype)
 
 

@@ -1,5 +1,6 @@
 """The fused kernels (lavie_core/fused.py: temporal and key-frame attention, GroupNorm's two passes, GEGLU,
-bias add, LayerNorm) and the SDPA temporal path against the plain torch computations they replace on CUDA.
+bias add, LayerNorm, channel concatenation) and the SDPA temporal path against the plain torch computations
+they replace on CUDA.
 
 On the CPU the Triton kernels run in Triton's interpreter, in a subprocess because the interpreter is
 chosen when a kernel is defined.
@@ -123,6 +124,18 @@ def test_cuda_sdpa_on_video_tokens_equals_pixel_grouped(monkeypatch, dtype, max_
                 torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last), torch.zeros(3), torch.zeros(2, 3, 4, 4)
             ),
             r"residual must be a channels-last \(2, 3, 4, 4\)", id="bias-residual-layout",
+        ),
+        pytest.param(
+            lambda: fused.concat_channels(
+                torch.zeros(3, 4, 2, 2).to(memory_format=torch.channels_last),
+                torch.zeros(2, 4, 2, 2).to(memory_format=torch.channels_last),
+            ),
+            r"a batch that is a multiple of the second's, got \(3, 4, 2, 2\) torch.float32 and \(2, 4, 2, 2\)",
+            id="concat-batch",
+        ),
+        pytest.param(
+            lambda: fused.concat_channels(torch.zeros(2, 4, 2, 3), torch.zeros(2, 4, 2, 3).to(memory_format=torch.channels_last)),
+            "concat_channels takes channels-last tensors", id="concat-layout",
         ),
         pytest.param(
             lambda: fused.layer_norm(torch.zeros(2, 5, 8), torch.zeros(8), torch.zeros(5), 1e-5),

@@ -74,7 +74,7 @@ H200_MEASURED = [
     pytest.param("vsr", 8, 320, 512, 2, False, 16.48, id="vsr-8f"),
     pytest.param("vsr", 8, 320, 512, 1, True, 6.91, id="vsr-8f-one-text-kernels"),
     pytest.param("vsr", 4, 320, 512, 2, True, 4.80, id="vsr-4f-kernels"),
-    pytest.param("vsr", 1, 320, 512, 2, True, 1.88, id="vsr-1f-kernels"),
+    pytest.param("vsr", 1, 320, 512, 2, True, 1.57, id="vsr-1f-kernels"),
     pytest.param("vsr", 8, 256, 256, 2, True, 3.84, id="vsr-8f-tile-256-kernels"),
 ]
 
