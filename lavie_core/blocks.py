@@ -129,11 +129,9 @@ def conv(
         y = F.linear(rows, module.weight.flatten(1), b)
         y = y.view(*x.movedim(1, -1).shape[:-1], -1).movedim(-1, 1)
         return y if residual is None else y.add_(residual)
-    if b is not None and fused.kernels_usable(x) and not torch.compiler.is_compiling():
+    if b is not None and fused.eager_kernels_usable(x):
         y = module._conv_forward(x, module.weight, None)
-        if fused.channels_last_rows(y) is not None and (
-            residual is None or (residual.shape == y.shape and fused.channels_last_rows(residual) is not None)
-        ):
+        if fused.bias_add_fits(y, residual):
             return fused.bias_add_(y, b, residual)
         y = y.add_(b.view(-1, *[1] * (y.ndim - 2)))  # in place, as torch adds a convolution's bias
     else:
@@ -518,8 +516,8 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight, self.bias
-        usable = w is not None and b is not None and fused.kernels_usable(x) and not torch.compiler.is_compiling()
-        if usable and not (torch.is_grad_enabled() and w.requires_grad):
+        trainable = torch.is_grad_enabled() and w is not None and w.requires_grad
+        if w is not None and b is not None and not trainable and fused.eager_kernels_usable(x):
             return fused.layer_norm(x, w, b, self.eps)
         return super().forward(x)
 

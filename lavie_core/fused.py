@@ -20,12 +20,13 @@ power-of-two parts (40 = 32 + 16) rather than padded (cuDNN pads 40 to 64).
 The feed-forward's GEGLU projection is one matmul kernel with two accumulators, the value and the gate half
 of the weight, that stores only `value * gelu(gate)`: the 2x-wide product never reaches memory.
 
-Outside `torch.compile`, which fuses such passes itself, two bandwidth-bound kernels replace torch's slower
-ones on half-precision videos: a convolution's bias (and the residual after it) added in place, and
-LayerNorm.
+Outside `torch.compile`, which fuses such passes itself, three bandwidth-bound kernels replace torch's
+slower ones on half-precision videos: a convolution's bias (and the residual after it) added in place,
+LayerNorm, and the channel concatenation of a skip connection (`eager_kernels_usable` says where).
 
-The kernels are torch custom ops, so `torch.compile` keeps each as one kernel. They have no backward:
-training and CPU inference take the torch paths in `blocks`.
+The kernels that compiled calls use are torch custom ops, so `torch.compile` keeps each as one kernel; the
+three eager-only ones are launched directly. None has a backward: training and CPU inference take the torch
+paths in `blocks`.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ except ImportError:  # CPU-only installs; callers check `available()`
 __all__ = [
     "available", "kernels_available", "kernels_usable", "is_cuda", "meta_as_cuda",
     "temporal_attention", "key_frame_attention", "channel_sums", "scale_shift", "geglu", "bias_add_",
-    "channels_last_rows", "layer_norm", "concat_channels", "MAX_FRAMES",
+    "channels_last_rows", "layer_norm", "concat_channels", "eager_kernels_usable", "bias_add_fits",
+    "concat_channels_fits", "MAX_FRAMES",
 ]
 
 # A program holds `frames x head_dim` tiles of q, k, v and the scores in registers: up to 64 frames (the
@@ -91,6 +93,11 @@ def kernels_usable(x: torch.Tensor) -> bool:
         return simulated and not needs_grad
     # ROCm: the kernels were measured and tested on NVIDIA only.
     return kernels_available(x.device) and not needs_grad
+
+
+def eager_kernels_usable(x: torch.Tensor) -> bool:
+    """`kernels_usable`, outside `torch.compile`: for the kernels that replace passes Inductor fuses itself."""
+    return kernels_usable(x) and not torch.compiler.is_compiling()
 
 
 def available(x: torch.Tensor, frames: int) -> bool:
@@ -382,13 +389,18 @@ def _launch_channel_sums(x: torch.Tensor) -> torch.Tensor:
     return partial.sum(1)
 
 
+def _row_tiles(channels: int, widest: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C) for the row-wise kernels: up to `widest` channels and 4096 elements per program."""
+    block_c = min(widest, triton.next_power_of_2(channels))
+    return max(1, 4096 // block_c), block_c
+
+
 def _launch_scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool) -> torch.Tensor:
     # Input and output share one contiguous layout, so one set of offsets serves both.
     x = x.contiguous()
     clips, rows, channels = x.shape
     out = torch.empty_like(x)
-    block_c = min(128, triton.next_power_of_2(channels))
-    block_r = max(1, 4096 // block_c)
+    block_r, block_c = _row_tiles(channels, 128)
     _scale_shift_kernel[(triton.cdiv(rows, block_r), clips, triton.cdiv(channels, block_c))](
         x, out, scale.float().contiguous(), shift.float().contiguous(), rows, channels,
         SILU=silu, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
@@ -398,8 +410,7 @@ def _launch_scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
 
 def _launch_bias_add(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None) -> None:
     rows, channels = x.shape
-    block_c = min(256, triton.next_power_of_2(channels))
-    block_r = max(1, 4096 // block_c)
+    block_r, block_c = _row_tiles(channels, 256)
     _bias_add_kernel[(triton.cdiv(rows, block_r), triton.cdiv(channels, block_c))](
         x, bias.contiguous(), x if residual is None else residual, rows,
         CHANNELS=channels, RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
@@ -409,8 +420,7 @@ def _launch_bias_add(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor
 def _launch_concat_channels(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, b_samples: int, pixels: int) -> None:
     rows, ca = a.shape
     channels = ca + b.shape[1]
-    block_c = min(128, triton.next_power_of_2(channels))
-    block_r = max(1, 4096 // block_c)
+    block_r, block_c = _row_tiles(channels, 128)
     _concat_channels_kernel[(triton.cdiv(rows, block_r), triton.cdiv(channels, block_c))](
         a, b, out, rows, pixels, b_samples, CA=ca, CB=b.shape[1], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
@@ -419,8 +429,7 @@ def _launch_concat_channels(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
 def _launch_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     rows, channels = x.shape
     out = torch.empty((rows, channels), device=x.device, dtype=x.dtype)
-    block_c = triton.next_power_of_2(channels)
-    block_r = max(1, 4096 // block_c)
+    block_r, block_c = _row_tiles(channels, triton.next_power_of_2(channels))  # a whole row per program
     _layer_norm_kernel[(triton.cdiv(rows, block_r),)](
         x, weight.contiguous(), bias.contiguous(), out, rows, x.stride(0), eps,
         CHANNELS=channels, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
@@ -659,6 +668,15 @@ def channels_last_rows(x: torch.Tensor) -> torch.Tensor | None:
     return rows.view(-1, x.shape[1]) if rows.is_contiguous() else None
 
 
+def _same_rows(x: torch.Tensor, other: torch.Tensor | None) -> bool:
+    return other is None or (other.shape == x.shape and channels_last_rows(other) is not None)
+
+
+def bias_add_fits(x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
+    """Whether `bias_add_` takes x and residual: both channels-last and dense, of one shape."""
+    return channels_last_rows(x) is not None and _same_rows(x, residual)
+
+
 def bias_add_(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
     """`x += bias` per channel (dim 1), then `+= residual`, in place, in one pass; returns x.
 
@@ -670,15 +688,20 @@ def bias_add_(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None
     rows = channels_last_rows(x)
     if rows is None or tuple(bias.shape) != (x.shape[1],):
         raise ValueError(f"bias_add_ takes a channels-last x and a ({x.shape[1]},) bias, got {tuple(bias.shape)}")
-    res = None
-    if residual is not None:
-        res = channels_last_rows(residual) if residual.shape == x.shape else None
-        if res is None:
-            raise ValueError(f"bias_add_: the residual must be a channels-last {tuple(x.shape)}, got {tuple(residual.shape)}")
+    if not _same_rows(x, residual):
+        raise ValueError(f"bias_add_: the residual must be a channels-last {tuple(x.shape)}, got {tuple(residual.shape)}")
     if not x.is_meta:
         _require_kernels("bias_add_")
-        _launch_bias_add(rows, bias, res)
+        _launch_bias_add(rows, bias, None if residual is None else channels_last_rows(residual))
     return x
+
+
+def concat_channels_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `concat_channels` takes a and b."""
+    return (
+        channels_last_rows(a) is not None and channels_last_rows(b) is not None and a.shape[2:] == b.shape[2:]
+        and a.shape[0] % b.shape[0] == 0 and a.dtype == b.dtype
+    )
 
 
 def concat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -689,12 +712,12 @@ def concat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     channels-last and dense. torch's concatenation of channels-last tensors along the channels copies each
     part with its strided kernel, and the repeated skip is a copy of its own.
     """
-    rows_a, rows_b = channels_last_rows(a), channels_last_rows(b)
-    if rows_a is None or rows_b is None or a.shape[2:] != b.shape[2:] or a.shape[0] % b.shape[0] or a.dtype != b.dtype:
+    if not concat_channels_fits(a, b):
         raise ValueError(
             f"concat_channels takes channels-last tensors of one dtype, trailing sizes and a batch that is a "
             f"multiple of the second's, got {tuple(a.shape)} {a.dtype} and {tuple(b.shape)} {b.dtype}"
         )
+    rows_a, rows_b = channels_last_rows(a), channels_last_rows(b)
     rows = torch.empty((rows_a.shape[0], a.shape[1] + b.shape[1]), dtype=a.dtype, device=a.device)
     if not a.is_meta:
         _require_kernels("concat_channels")
@@ -712,8 +735,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     c = x.shape[-1]
     if tuple(weight.shape) != (c,) or tuple(bias.shape) != (c,):
         raise ValueError(f"layer_norm: weight and bias must be shaped ({c},), got {tuple(weight.shape)}, {tuple(bias.shape)}")
-    rows = x.reshape(-1, c)
-    rows = rows if rows.stride(-1) == 1 else rows.contiguous()
+    rows = _unit_stride(x.reshape(-1, c))
     if x.is_meta:
         return torch.empty(x.shape, device=x.device, dtype=x.dtype)
     _require_kernels("layer_norm")

@@ -5,6 +5,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from . import fused
 from .blocks import (
     Downsample,
     FrameConv2d,
@@ -19,7 +20,6 @@ from .blocks import (
     timestep_embedding,
     to_channels_last,
 )
-from . import fused
 from .config import UNetConfig
 
 
@@ -285,11 +285,7 @@ def _may_sync(levels: torch.Tensor) -> bool:
 def concat_skip(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     """`torch.cat([h, widen(skip, len(h))], dim=1)`: on NVIDIA GPUs outside `torch.compile` (which writes
     the parts into the result itself), one pass that reads the skip's shared samples in place."""
-    rows = fused.channels_last_rows
-    if (
-        fused.kernels_usable(h) and not torch.compiler.is_compiling() and h.shape[0] % skip.shape[0] == 0
-        and h.shape[2:] == skip.shape[2:] and h.dtype == skip.dtype and rows(h) is not None and rows(skip) is not None
-    ):
+    if fused.eager_kernels_usable(h) and fused.concat_channels_fits(h, skip):
         return fused.concat_channels(h, skip)
     return torch.cat([h, widen(skip, h.shape[0])], dim=1)
 
