@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=30, help="rows of the operator table")
     parser.add_argument("--kernels", type=int, default=40, help="how many kernels to list by GPU time")
     parser.add_argument("--cfg-input", default="shared", choices=["shared", "doubled"])
+    parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"],
+                        help="let cuDNN time its convolution algorithms (off: its heuristics pick, as ComfyUI runs)")
     args = parser.parse_args(argv)
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     device = torch.device("cuda")
     model = random_model(args.stage, device).to(DTYPES[args.dtype])
     x, t, ctx, noise = make_inputs(args.stage, device, cfg_input=args.cfg_input)

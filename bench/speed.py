@@ -1,7 +1,7 @@
 """Speed and memory of the three LaVie UNets on a CUDA GPU at the paper's sizes.
 
     python bench/speed.py [--dtype fp16|bf16] [--stages base,interpolation,vsr] [--iters 6] [--compile]
-                          [--cfg-input shared|doubled] [--cuda-graph on|off]
+                          [--cfg-input shared|doubled] [--cuda-graph on|off] [--cudnn-benchmark on|off]
     python bench/speed.py --cascade [--steps 50] [--cfg-mode batched|split] [--vsr-chunk 4] [--budget-gib 12] [--compile]
                           [--cascade-stages base,interpolation,vsr] [--cuda-graph on|off]
 
@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="video once with both texts (as the samplers call it) or twice (as the official code)")
     parser.add_argument("--cuda-graph", default="on", choices=["on", "off"],
                         help="replay the UNet calls from CUDA graphs, as the stages do (default on)")
+    parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"],
+                        help="let cuDNN time its convolution algorithms (off: its heuristics pick, as ComfyUI runs)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--official", type=Path, metavar="PATH",
                         help="a Vchitect/LaVie checkout: time its UNets in the same run, on the same weights and "
@@ -323,10 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench/speed.py needs a CUDA GPU", file=sys.stderr)
         return 2
-    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} dtype {args.dtype}")
+    print(f"# {torch.cuda.get_device_name()} torch {torch.__version__} dtype {args.dtype} "
+          f"cudnn.benchmark {args.cudnn_benchmark}")
     if args.cascade:
         report = bench_cascade(
             DTYPES[args.dtype], args.steps, args.compile, args.cfg_mode, args.budget_gib, args.vsr_chunk,

@@ -17,8 +17,10 @@ frames of their clip (the interpolation model's sparse causal attention: frames 
 so the concatenated keys and values never exist. Heads that are not a power of two are split in two
 power-of-two parts (40 = 32 + 16) rather than padded (cuDNN pads 40 to 64).
 
-The feed-forward's GEGLU projection is one matmul kernel with two accumulators, the value and the gate half
-of the weight, that stores only `value * gelu(gate)`: the 2x-wide product never reaches memory.
+The feed-forward's GEGLU projection is one persistent matmul kernel with two accumulators, the value and the
+gate half of the weight, that stores only `value * gelu(gate)`: the 2x-wide product never reaches memory.
+Its tiles move through tensor descriptors (TMA on Hopper, plain loads elsewhere); a launch whose kernel
+does not fit the GPU's shared memory falls back to smaller tiles (`_launch_fitting`).
 
 Outside `torch.compile`, which fuses such passes itself, three bandwidth-bound kernels replace torch's
 slower ones on half-precision videos: a convolution's bias (and the residual after it) added in place,
@@ -41,12 +43,16 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs; callers check `available()`
     triton = None
+try:  # Triton >= 3.3; without it the feed-forward takes the torch path (`geglu_fits`)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 __all__ = [
     "available", "kernels_available", "kernels_usable", "is_cuda", "meta_as_cuda",
     "temporal_attention", "key_frame_attention", "channel_sums", "scale_shift", "geglu", "bias_add_",
     "channels_last_rows", "layer_norm", "concat_channels", "eager_kernels_usable", "bias_add_fits",
-    "concat_channels_fits", "MAX_FRAMES",
+    "concat_channels_fits", "geglu_fits", "MAX_FRAMES",
 ]
 
 # A program holds `frames x head_dim` tiles of q, k, v and the scores in registers: up to 64 frames (the
@@ -333,43 +339,67 @@ if triton is not None:
         tl.store(out_ptr + r.to(tl.int64)[:, None] * CHANNELS + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _erf(z, FAST_RCP: tl.constexpr):
+        # Abramowitz & Stegun 7.1.26, |error| < 1.5e-7 (far below a half-precision output's rounding): one
+        # reciprocal and one exp2. libdevice's erf in the GEGLU epilogue, which the tensor cores wait for, cost
+        # 15-25% of the kernel's time on an H200.
+        a = tl.abs(z)
+        d = 1.0 + 0.3275911 * a
+        if FAST_RCP:
+            t = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [d], dtype=tl.float32, is_pure=True, pack=1)
+        else:  # Triton's interpreter runs no PTX
+            t = 1.0 / d
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        r = 1.0 - poly * tl.math.exp2(-a * a * 1.4426950408889634)
+        return tl.where(z < 0, -r, r)
+
+    @triton.jit
+    def _geglu_tile(
+        tile, x_desc, w_desc, out_desc, b_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FAST_RCP: tl.constexpr,
+    ):
+        blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        if tile < blocks_m * blocks_n:
+            # Tiles in groups of GROUP_M row blocks sweep the columns together, so x tiles stay in L2.
+            in_group = GROUP_M * blocks_n
+            first_m = (tile // in_group) * GROUP_M
+            rows_in_group = tl.minimum(blocks_m - first_m, GROUP_M)
+            om = (first_m + (tile % in_group) % rows_in_group) * BLOCK_M
+            on = ((tile % in_group) // rows_in_group) * BLOCK_N
+            acc_value = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            acc_gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for ok in range(0, K, BLOCK_K):
+                x = x_desc.load([om, ok])
+                acc_value = tl.dot(x, w_desc.load([on, ok]).T, acc_value)
+                acc_gate = tl.dot(x, w_desc.load([N + on, ok]).T, acc_gate)
+            rn = on + tl.arange(0, BLOCK_N)
+            n_ok = rn < N
+            value = acc_value + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            gate = acc_gate + tl.load(b_ptr + N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            out = value * (0.5 * gate * (1.0 + _erf(gate * 0.7071067811865476, FAST_RCP)))
+            out_desc.store([om, on], out.to(out_desc.dtype))
+
+    @triton.jit
     def _geglu_kernel(
-        x_ptr, w_ptr, b_ptr, out_ptr, M, N, stride_xm, stride_wn, stride_om,
+        x_desc, w_desc, out_desc, b_ptr, M, N, programs, rounds,
         K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        INTERPRETER_ROUNDS: tl.constexpr,
     ):
         # K (the model width) is a compile-time constant: a few values per model, and Triton's interpreter
         # needs a constant loop bound. Two accumulators per tile, the value half (weight rows n) and the gate
         # half (rows N + n) of the projection, so the `2N`-wide product never reaches memory: only
-        # `value * gelu(gate)` is stored.
-        pid = tl.program_id(0)
-        blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        # Programs in groups of GROUP_M row blocks sweep the columns together, so x tiles stay in L2.
-        group = pid // (GROUP_M * blocks_n)
-        first_m = group * GROUP_M
-        rows_in_group = tl.minimum(blocks_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * blocks_n)) % rows_in_group
-        pid_n = (pid % (GROUP_M * blocks_n)) // rows_in_group
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rk = tl.arange(0, BLOCK_K)
-        # Edge rows and columns read valid (wrapped) data and are not stored, so only depth is masked.
-        x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm
-        w_cols = w_ptr + (rn % N)[None, :] * stride_wn
-        acc_value = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        acc_gate = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + rk
-            k_ok = k < K
-            x = tl.load(x_rows + k[None, :], mask=k_ok[None, :], other=0.0)
-            w_value = tl.load(w_cols + k[:, None], mask=k_ok[:, None], other=0.0)
-            w_gate = tl.load(w_cols + N * stride_wn + k[:, None], mask=k_ok[:, None], other=0.0)
-            acc_value = tl.dot(x, w_value, acc_value)
-            acc_gate = tl.dot(x, w_gate, acc_gate)
-        value = acc_value + tl.load(b_ptr + rn % N).to(tl.float32)[None, :]
-        gate = acc_gate + tl.load(b_ptr + N + rn % N).to(tl.float32)[None, :]
-        out = value * (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476)))
-        mask = (rm < M)[:, None] & (rn < N)[None, :]
-        tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+        # `value * gelu(gate)` is stored. Persistent programs, one per multiprocessor, take every
+        # `programs`-th tile in `rounds` rounds; tiles are read and written through tensor descriptors (TMA on
+        # Hopper), which also clip the edge tiles. The interpreter takes only constant loop bounds and runs
+        # no PTX: there INTERPRETER_ROUNDS is the count (0 on GPUs, so shapes do not compile anew).
+        if INTERPRETER_ROUNDS:
+            for i in range(0, INTERPRETER_ROUNDS):
+                _geglu_tile(tl.program_id(0) + i * programs, x_desc, w_desc, out_desc, b_ptr, M, N,
+                            K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, False)
+        else:
+            for i in range(0, rounds):
+                _geglu_tile(tl.program_id(0) + i * programs, x_desc, w_desc, out_desc, b_ptr, M, N,
+                            K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, True)
 
 
 _SUM_ROWS_PER_PROGRAM = 2048
@@ -447,25 +477,67 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _geglu_config(k: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) for a width-k projection: the fastest of twelve
-    configurations measured on an H200 at the three models' widths (base and interpolation feed-forwards
-    per call: 5.3 -> 5.1 ms and 21.0 -> 19.4 ms against the earlier 32-deep tiles)."""
-    return (128, 64, 64, 8, 4, 3) if k < 1024 else (128, 128, 64, 8, 8, 4)
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages), fastest first: 128 x 128 tiles of both halves
+# measured fastest on an H200 at all nine of the models' feed-forward shapes (base, interpolation, VSR levels).
+# GPUs with less shared memory per block (consumer Ada and Blackwell: 99 KiB) take the next one that fits.
+_GEGLU_CONFIGS = ((128, 128, 64, 8, 8, 3), (128, 64, 64, 8, 4, 2), (64, 64, 32, 8, 4, 2))
+_FITTING: dict[tuple, int] = {}
+
+
+def _launch_fitting(key: tuple, configs: tuple[tuple[int, ...], ...], launch) -> torch.Tensor:
+    """`launch(config)` with the first of `configs` (fastest first) that fits the GPU's shared memory and
+    registers, remembered per `key` (Triton raises before anything runs, so a CUDA graph capture survives)."""
+    for i in range(_FITTING.get(key, 0), len(configs)):
+        try:
+            out = launch(configs[i])
+        except triton.runtime.errors.OutOfResources:
+            if i == len(configs) - 1:
+                raise
+            continue
+        _FITTING[key] = i
+        return out
+    raise ValueError("no configuration to launch")
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """Persistent programs to launch: the GPU's multiprocessors; a few under Triton's interpreter, so each one
+    walks several tiles there too."""
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tma_operand(t: torch.Tensor) -> torch.Tensor:
+    """t, or a copy, with the 16-byte aligned start and row stride that tensor descriptors need."""
+    aligned = t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    return t if aligned else t.clone(memory_format=torch.contiguous_format)
 
 
 def _launch_geglu(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, config: tuple[int, ...] | None = None
 ) -> torch.Tensor:
-    rows, weight = _unit_stride(x.reshape(-1, x.shape[-1])), _unit_stride(weight)
-    block_m, block_n, block_k, group_m, warps, stages = config or _geglu_config(rows.shape[1])
+    rows, weight = _tma_operand(x.reshape(-1, x.shape[-1])), _tma_operand(weight)
     (m, k), n = rows.shape, weight.shape[0] // 2
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    _geglu_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
-        rows, weight, bias.contiguous(), out, m, n, rows.stride(0), weight.stride(0), out.stride(0),
-        K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, num_warps=warps, num_stages=stages,
-    )
-    return out.view(*x.shape[:-1], n)
+    if m == 0:
+        return out.view(*x.shape[:-1], n)
+
+    def launch(cfg: tuple[int, ...]) -> torch.Tensor:
+        block_m, block_n, block_k, group_m, warps, stages = cfg
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        programs = min(tiles, _multiprocessors(x.device))
+        rounds = triton.cdiv(tiles, programs)
+        _geglu_kernel[(programs,)](
+            TensorDescriptor.from_tensor(rows, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
+            TensorDescriptor.from_tensor(out, [block_m, block_n]), bias.contiguous(), m, n, programs, rounds,
+            K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+            INTERPRETER_ROUNDS=0 if x.is_cuda else rounds,
+            num_warps=warps, num_stages=stages,
+        )
+        return out
+
+    configs = _GEGLU_CONFIGS if config is None else (config,)
+    return _launch_fitting(("geglu", x.device, k), configs, launch).view(*x.shape[:-1], n)
 
 
 def _split_head_dim(head_dim: int) -> tuple[int, int]:
@@ -742,11 +814,18 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return _launch_layer_norm(rows, weight, bias, eps).view(x.shape)
 
 
+def geglu_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `geglu` takes an input of x's width and a `2n k` weight: k and n multiples of 8 (the tensor
+    descriptors' 16-byte rows), and a Triton that has tensor descriptors (3.3 on)."""
+    return TensorDescriptor is not None and x.shape[-1] % 8 == 0 and weight.shape[0] % 16 == 0
+
+
 def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """`value * gelu(gate)` where `value, gate = (x @ weight.T + bias).chunk(2, -1)`: a GEGLU projection as one
-    kernel that never writes the `2n`-wide product (exact, erf GELU; float32 accumulation).
+    kernel that never writes the `2n`-wide product (erf GELU to 1.5e-7, float32 accumulation and epilogue).
 
-    x: `... k` in float16 or bfloat16; weight `2n k` and bias `2n` in x's dtype; the result is `... n`.
+    x: `... k` in float16 or bfloat16; weight `2n k` and bias `2n` in x's dtype; the result is `... n`;
+    k and n multiples of 8 (`geglu_fits`).
     """
     if weight.ndim != 2 or weight.shape[0] % 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"geglu: weight must be shaped (2n, {x.shape[-1]}), got {tuple(weight.shape)}")
@@ -756,9 +835,13 @@ def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Te
         raise ValueError(
             f"geglu takes float16 or bfloat16 x, weight and bias of one dtype, got {x.dtype}, {weight.dtype}, {bias.dtype}"
         )
+    if x.shape[-1] % 8 or weight.shape[0] % 16:
+        raise ValueError(f"geglu: the width k and n (weight (2n, k)) must be multiples of 8, got {tuple(weight.shape)}")
     if x.is_meta:
         return _geglu_shape(x, weight)
     _require_kernels("geglu")
+    if TensorDescriptor is None:
+        raise RuntimeError("fused.geglu needs Triton >= 3.3 (tensor descriptors); check fused.geglu_fits() first")
     return _geglu_op(x, weight, bias)
 
 

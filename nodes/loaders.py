@@ -79,8 +79,9 @@ class LaVieLoader:
             **dtype_device_inputs(),
         }, "optional": {
             "compile": ("BOOLEAN", {"default": False, "tooltip": (
-                "Run the UNet through torch.compile. On an H200 a compiled call took 1-7% less time (with CUDA "
-                "graphs: base 40.5 instead of 43.3 ms, VSR 573 instead of 579; interpolation the same, 170), "
+                "Run the UNet through torch.compile. On an H200 a compiled base call took 39.9 ms instead of "
+                "42.3-43.2 (with CUDA graphs); interpolation and VSR calls took about the same either way (166-167 "
+                "ms; VSR 563-568), "
                 "but each stage first compiles for 1-3 "
                 "minutes, again for every new shape (frames, size, VSR chunk) in a ComfyUI session: it pays off "
                 "over repeated runs. Needs Triton on the GPU.")}),

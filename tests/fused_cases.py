@@ -79,23 +79,30 @@ def norm_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     return max(sums_error, ((out.float() - expected).abs() / expected.abs().clamp(min=1)).max().item())
 
 
-# The GEGLU projection. id: (leading shape of x, width k, inner n, launch config or None for the default);
-# the small tiles leave partial row, column and depth blocks, and the default configurations are the ones
-# the models run (narrow and wide).
+# The GEGLU projection. id: (leading shape of x, width k, inner n, launch config or None for the default,
+# x a view 2 bytes off the 16-byte alignment that tensor descriptors need); the small tiles leave partial row,
+# column and depth blocks, and the default configuration is the one the models run. Under the interpreter two
+# persistent programs walk the tiles, so the cases with more tiles exercise the walk. Widths are multiples of
+# 16: Triton 3.5's interpreter asks that of a descriptor's strides in elements (the GPU, in bytes).
 GEGLU_CASES = {
-    "geglu-partial-tiles": ((37,), 40, 24, (16, 16, 16, 2, 1, 1)),
-    "geglu-narrow-default": ((3, 5), 32, 16, None),
-    "geglu-wide-default": ((2, 10), 512, 40, None),
-    "geglu-no-tokens": ((2, 0), 16, 8, None),
+    "geglu-partial-tiles": ((37,), 48, 48, (16, 32, 32, 2, 1, 1), False),
+    "geglu-narrow-default": ((3, 5), 32, 16, None, False),
+    "geglu-wide-default": ((2, 10), 512, 48, None, False),
+    "geglu-default-partial-tiles": ((300,), 64, 144, None, False),
+    "geglu-unaligned-view": ((37,), 48, 48, (16, 32, 32, 2, 1, 1), True),
+    "geglu-no-tokens": ((2, 0), 16, 8, None, False),
 }
 
 
 def geglu_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
     """Error relative to the magnitude (at least 1), against float32 arithmetic on the same half inputs."""
-    lead, k, n, config = GEGLU_CASES[case]
+    lead, k, n, config, unaligned = GEGLU_CASES[case]
     dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16  # the kernel takes half types
     g = torch.Generator().manual_seed(0)
     x = torch.randn(*lead, k, generator=g).to(device, dtype)
+    if unaligned:
+        x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(x.shape)
+        assert x.data_ptr() % 16
     weight = (torch.randn(2 * n, k, generator=g) / k**0.5).to(device, dtype)
     bias = torch.randn(2 * n, generator=g).to(device, dtype)
     value, gate = torch.nn.functional.linear(x.float(), weight.float(), bias.float()).chunk(2, dim=-1)

@@ -232,6 +232,8 @@ def test_cuda_sparse_causal_kernel_equals_gathered_sdpa(monkeypatch, dtype, dim,
         pytest.param(((4, 8), (9, 8), (9,)), None, r"weight must be shaped \(2n, 8\), got \(9, 8\)", id="weight-odd-rows"),
         pytest.param(((4, 8), (12, 6), (12,)), None, r"weight must be shaped \(2n, 8\), got \(12, 6\)", id="weight-width"),
         pytest.param(((4, 8), (12, 8), (6,)), None, r"bias must be shaped \(12,\), got \(6,\)", id="bias-shape"),
+        pytest.param(((4, 12), (16, 12), (16,)), None, r"multiples of 8, got \(16, 12\)", id="width-12"),
+        pytest.param(((4, 8), (8, 8), (8,)), None, r"multiples of 8, got \(8, 8\)", id="inner-4"),
         pytest.param(((4, 8), (12, 8), (12,)), (torch.float32,) * 3, "float16 or bfloat16 .* got torch.float32", id="float32"),
         pytest.param(
             ((4, 8), (12, 8), (12,)), (torch.float16, torch.bfloat16, torch.float16), "of one dtype", id="mixed-dtypes"
@@ -268,16 +270,37 @@ def test_feed_forward_takes_the_geglu_kernel_for_half_types_only(dtype, monkeypa
 @pytest.mark.parametrize("dtype,grad,expected", HALF_TYPE_DISPATCH)
 def test_geglu_dispatch(monkeypatch, dtype, grad, expected):
     # Which path GEGLU takes, with the kernel replaced by a recorder (runs without a GPU).
-    geglu = blocks.GEGLU(8, 4).to(dtype)
+    geglu = blocks.GEGLU(8, 8).to(dtype)
     x = torch.randn(3, 8).to(dtype)
     calls = []
     monkeypatch.setattr(fused, "kernels_usable", lambda *_: True)
-    monkeypatch.setattr(fused, "geglu", lambda x, w, b: calls.append((w, b)) or x.new_zeros(*x.shape[:-1], 4))
+    monkeypatch.setattr(fused, "TensorDescriptor", object)
+    monkeypatch.setattr(fused, "geglu", lambda x, w, b: calls.append((w, b)) or x.new_zeros(*x.shape[:-1], 8))
     with torch.set_grad_enabled(grad):
         out = geglu(x)
-    assert len(calls) == expected and out.shape == (3, 4)
+    assert len(calls) == expected and out.shape == (3, 8)
     if expected:
         assert calls[0][0] is geglu.proj.weight and calls[0][1] is geglu.proj.bias
+
+
+@pytest.mark.parametrize(
+    "dim,inner,descriptors,expected",
+    [
+        pytest.param(8, 8, True, True, id="widths-of-8"),
+        pytest.param(12, 8, True, False, id="width-12-torch-path"),
+        pytest.param(8, 4, True, False, id="inner-4-torch-path"),
+        pytest.param(8, 8, False, False, id="triton-without-descriptors-torch-path"),
+    ],
+)
+def test_geglu_kernel_takes_only_widths_its_descriptors_can(monkeypatch, dim, inner, descriptors, expected):
+    geglu = blocks.GEGLU(dim, inner).half()
+    calls = []
+    monkeypatch.setattr(fused, "kernels_usable", lambda *_: True)
+    monkeypatch.setattr(fused, "TensorDescriptor", object if descriptors else None)
+    monkeypatch.setattr(fused, "geglu", lambda x, w, b: calls.append(1) or x.new_zeros(*x.shape[:-1], inner))
+    with torch.no_grad():
+        out = geglu(torch.randn(3, dim).half())
+    assert len(calls) == expected and out.shape == (3, inner)
 
 
 @pytest.mark.skipif(not fused._CUSTOM_OPS, reason="needs torch.library.custom_op")
@@ -361,3 +384,64 @@ def test_cuda_layer_norm_equals_torch():
         got = norm(x)
         want = torch.nn.functional.layer_norm(x.float(), (320,), norm.weight.float(), norm.bias.float(), norm.eps)
     torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=4e-3)
+
+
+def _compile_geglu(config: tuple[int, ...], k: int, capability: int):
+    """The GEGLU kernel compiled (not run) for an NVIDIA GPU of `capability`, as Triton would for a launch."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    block_m, block_n, block_k, group_m, warps, stages = config
+    signature = {
+        "x_desc": f"tensordesc<fp16[{block_m}, {block_k}]>", "w_desc": f"tensordesc<fp16[{block_n}, {block_k}]>",
+        "out_desc": f"tensordesc<fp16[{block_m}, {block_n}]>", "b_ptr": "*fp16",
+        "M": "i32", "N": "i32", "programs": "i32", "rounds": "i32",
+    }
+    constants = {"K": k, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m,
+                 "INTERPRETER_ROUNDS": 0}
+    source = ASTSource(fn=fused._geglu_kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
+                       constexprs=constants)
+    target = GPUTarget("cuda", capability, 32)
+    return fused.triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
+
+
+# (compute capability, shared memory a block may use): the GPUs users run, compiled for on any machine (Triton
+# ships its PTX assembler). On a GPU a launch whose kernel needs more raises before running, and the launcher
+# takes the next configuration.
+GPU_TARGETS = [
+    pytest.param(86, 99 * 1024, id="sm86-rtx-30"),
+    pytest.param(89, 99 * 1024, id="sm89-rtx-40"),
+    pytest.param(80, 163 * 1024, id="sm80-a100"),
+    pytest.param(90, 227 * 1024, id="sm90-h100-h200"),
+]
+
+
+@pytest.mark.skipif(triton_missing or fused.TensorDescriptor is None, reason="needs Triton >= 3.3")
+@pytest.mark.parametrize("capability,shared", GPU_TARGETS)
+def test_geglu_kernel_compiles_within_each_gpus_shared_memory(capability, shared):
+    # The models' narrowest and widest feed-forwards (K 320 and 1280): a configuration fits every GPU, and
+    # on Hopper the fastest one does.
+    for k in (320, 1280):
+        fitting = [c for c in fused._GEGLU_CONFIGS if _compile_geglu(c, k, capability).metadata.shared <= shared]
+        assert fitting, f"no GEGLU configuration fits sm{capability}'s {shared} bytes at K={k}"
+        if capability == 90:
+            assert fitting[0] == fused._GEGLU_CONFIGS[0]
+
+
+@pytest.mark.skipif(triton_missing, reason="triton is not installed")
+def test_launch_takes_the_first_configuration_that_fits_and_remembers_it(monkeypatch):
+    monkeypatch.setattr(fused, "_FITTING", {})
+    tried = []
+
+    def launch(config):
+        tried.append(config)
+        if config[0] > 32:
+            raise fused.triton.runtime.errors.OutOfResources(200_000, 101_376, "shared memory")
+        return torch.zeros(config)
+
+    configs = ((128, 2), (64, 2), (32, 2), (16, 2))
+    assert fused._launch_fitting("key", configs, launch).shape == (32, 2)
+    assert fused._launch_fitting("key", configs, launch).shape == (32, 2)
+    assert tried == [(128, 2), (64, 2), (32, 2), (32, 2)]  # the second call starts at the one that fitted
+    with pytest.raises(fused.triton.runtime.errors.OutOfResources, match="shared memory"):
+        fused._launch_fitting("other", configs[:2], launch)
