@@ -505,7 +505,7 @@ class GEGLU(nn.Module):
         if half and fused.kernels_usable(x) and fused.geglu_fits(x, w) and not trainable:
             # One kernel, and the 2x-wide product never reaches memory. On an H200 it lowers the peaks
             # (compiled VSR call 14.7 -> 13.3 GiB, interpolation 5.2 -> 3.9); at the models' shapes it takes
-            # 1.0-1.3x the time of cuBLAS's product alone, which would still have to write and reread it.
+            # 1.0-1.75x the time of cuBLAS's product alone, which would still have to write and reread it.
             return fused.geglu(x, w, b)
         h, gate = self.proj(x).chunk(2, dim=-1)
         return h * F.gelu(gate)
