@@ -486,15 +486,17 @@ _FITTING: dict[tuple, int] = {}
 
 def _launch_fitting(key: tuple, configs: tuple[tuple[int, ...], ...], launch) -> torch.Tensor:
     """`launch(config)` with the first of `configs` (fastest first) that fits the GPU's shared memory and
-    registers, remembered per `key` (Triton raises before anything runs, so a CUDA graph capture survives)."""
-    for i in range(_FITTING.get(key, 0), len(configs)):
+    registers, remembered per `key` and list of configurations (Triton raises before anything runs, so a CUDA
+    graph capture survives)."""
+    remembered = (key, configs)
+    for i in range(_FITTING.get(remembered, 0), len(configs)):
         try:
             out = launch(configs[i])
         except triton.runtime.errors.OutOfResources:
             if i == len(configs) - 1:
                 raise
             continue
-        _FITTING[key] = i
+        _FITTING[remembered] = i
         return out
     raise ValueError("no configuration to launch")
 
@@ -814,10 +816,15 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return _launch_layer_norm(rows, weight, bias, eps).view(x.shape)
 
 
+def _descriptor_widths(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """k and n of a `2n k` weight are multiples of 8: the tensor descriptors' rows are whole 16 bytes."""
+    return x.shape[-1] % 8 == 0 and weight.shape[0] % 16 == 0
+
+
 def geglu_fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `geglu` takes an input of x's width and a `2n k` weight: k and n multiples of 8 (the tensor
-    descriptors' 16-byte rows), and a Triton that has tensor descriptors (3.3 on)."""
-    return TensorDescriptor is not None and x.shape[-1] % 8 == 0 and weight.shape[0] % 16 == 0
+    """Whether `geglu` takes an input of x's width and a `2n k` weight (`_descriptor_widths`), with a Triton
+    that has tensor descriptors (3.3 on)."""
+    return TensorDescriptor is not None and _descriptor_widths(x, weight)
 
 
 def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -835,7 +842,7 @@ def geglu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Te
         raise ValueError(
             f"geglu takes float16 or bfloat16 x, weight and bias of one dtype, got {x.dtype}, {weight.dtype}, {bias.dtype}"
         )
-    if x.shape[-1] % 8 or weight.shape[0] % 16:
+    if not _descriptor_widths(x, weight):
         raise ValueError(f"geglu: the width k and n (weight (2n, k)) must be multiples of 8, got {tuple(weight.shape)}")
     if x.is_meta:
         return _geglu_shape(x, weight)

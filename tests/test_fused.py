@@ -443,5 +443,8 @@ def test_launch_takes_the_first_configuration_that_fits_and_remembers_it(monkeyp
     assert fused._launch_fitting("key", configs, launch).shape == (32, 2)
     assert fused._launch_fitting("key", configs, launch).shape == (32, 2)
     assert tried == [(128, 2), (64, 2), (32, 2), (32, 2)]  # the second call starts at the one that fitted
+    # An explicit list under the same key starts from its own first entry, not from the index remembered above.
+    assert fused._launch_fitting("key", configs[3:], launch).shape == (16, 2)
+    assert tried[-1] == (16, 2)
     with pytest.raises(fused.triton.runtime.errors.OutOfResources, match="shared memory"):
         fused._launch_fitting("other", configs[:2], launch)
