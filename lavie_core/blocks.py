@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils import flop_counter
 
 from . import fused
 
@@ -30,8 +31,9 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
 # tensors its reductions ran at a fifth of the card's bandwidth.
 COMPILED_NORM_KERNEL_MIN_NUMEL = 2**27
 
-# Folding an offset into GroupNorm saves a pass over the video (eager VSR call on an H200: 780 -> 760 ms)
-# but adds a handful of tiny ops, whose launches cost about as much as the pass on small videos.
+# Folding an offset into GroupNorm's torch arithmetic saves a pass over the video (eager VSR call on an H200:
+# 780 -> 760 ms) but adds a handful of tiny ops, whose launches cost about as much as the pass on small
+# videos. (Eager calls on the kernels fold it into `fused.group_affine` at every size.)
 FOLD_OFFSET_MIN_NUMEL = 2**25
 
 
@@ -43,17 +45,25 @@ def group_norm(
     x: `b c f h w` (statistics span all frames) or `n c h w` (statistics per image). Statistics are
     computed in float32 whatever the activation dtype, as the native kernel does. They come from
     per-channel sums, which read the tensor in its memory order; on NVIDIA GPUs two Triton kernels do the
-    sums and the normalisation (with SiLU), each in one pass.
+    sums and the normalisation (with SiLU), each in one pass, and outside `torch.compile` (which fuses that
+    arithmetic) a third turns the sums into the scale and shift.
 
     offset: `b c`, normalise `x + offset` (a resnet's time embedding) without writing that sum: the
     per-channel sums and the shift absorb it, which saves a pass over the video.
     """
     b, c, g = x.shape[0], x.shape[1], norm.num_groups
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if acc == torch.float32 and norm.affine and fused.eager_kernels_usable(x):
+        # Three kernels and a sum, the offset folded at no cost: torch's arithmetic from the sums to the scale
+        # and shift is about fifteen launches of a few microseconds, per GroupNorm.
+        rows = x.movedim(1, -1).reshape(b, -1, c).contiguous()
+        sums = fused.channel_sums(rows)
+        scale, shift = fused.group_affine(sums, norm.weight, norm.bias, g, rows.shape[1], norm.eps, offset=offset)
+        return fused.scale_shift(rows, scale, shift, silu=silu).view(x.movedim(1, -1).shape).movedim(-1, 1)
     if offset is not None and x.numel() < FOLD_OFFSET_MIN_NUMEL:
         x, offset = x + offset.view(b, c, *[1] * (x.ndim - 2)), None
     rows = x.movedim(1, -1).reshape(b, -1, c)  # a view when x is channels-last
     n = rows.shape[1] * (c // g)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     kernels = acc == torch.float32 and fused.kernels_usable(x)
     if kernels and torch.compiler.is_compiling():
         kernels = x.numel() >= COMPILED_NORM_KERNEL_MIN_NUMEL
@@ -253,11 +263,14 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     # output (c, 2i + p, 2j + q) is y's channel (2p + q) o + c at (i + p, j + q), one strided view of y, so a
     # single pass interleaves the phases and adds the bias.
     y = F.conv2d(x, weight, None, padding=1)
+    bias = None if conv.bias is None else conv.bias.view(1, o, 1, 1, 1, 1)
+    needs_grad = torch.is_grad_enabled() and (y.requires_grad or bias is not None and bias.requires_grad)
+    if not needs_grad and fused.eager_kernels_usable(y) and fused.upsample_phases_fits(y):
+        # torch's strided add below runs at a fifth of the bandwidth (eager VSR call on an H200: 9.1 ms).
+        return fused.upsample_phases(y, conv.bias)
     sn, sc, sh, sw = y.stride()
     phases = y.as_strided((n, o, h, 2, w, 2), (sn, sc, sh, sh + 2 * o * sc, sw, sw + o * sc))
     out = torch.empty(n, o, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=fmt)
-    bias = None if conv.bias is None else conv.bias.view(1, o, 1, 1, 1, 1)
-    needs_grad = torch.is_grad_enabled() and (y.requires_grad or bias is not None and bias.requires_grad)
     if bias is not None and not needs_grad and not torch.compiler.is_compiling():
         # out= has no backward, and Dynamo does not trace it into a strided tensor (Inductor fuses the add).
         torch.add(phases, bias, out=out.view(n, o, h, 2, w, 2))
@@ -301,10 +314,20 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None):
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None,
+        *, residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         q, k, v = (split_heads(t, self.heads) for t in (q, k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        return self.to_out[0](merge_heads(out))
+        return self.output(merge_heads(out), residual)
+
+    def output(self, heads: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`to_out.0` of the merged heads; with `residual` (contiguous, rows in the heads' order), that
+        product without its bias added into `residual` in place (`add_product_`), which is returned."""
+        if residual is None:
+            return self.to_out[0](heads)
+        return add_product_(residual, heads, self.to_out[0].weight)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k and v of self-attention as one matmul (views of one `... 3c` product): x is read once and the
@@ -317,25 +340,46 @@ class Attention(nn.Module):
         q, k, v = F.linear(x, weight).chunk(3, dim=-1)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, *, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`residual`: see `output`."""
         if context is None:
-            return self.attend(*self.project(x))
-        return self.attend(self.to_q(x), self.to_k(context), self.to_v(context))
+            return self.attend(*self.project(x), residual=residual)
+        return self.attend(self.to_q(x), self.to_k(context), self.to_v(context), residual=residual)
 
 
-def text_attention(attn: Attention, x: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
+# FlopCounterMode (bench/speed.py's FLOP counts) knows addmm but not the in-place addmm_ of add_product_.
+if torch.ops.aten.addmm_ not in flop_counter.flop_registry:
+    flop_counter.register_flop_formula(torch.ops.aten.addmm_, get_raw=True)(flop_counter.flop_registry[torch.ops.aten.addmm])
+
+
+def add_product_(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x += a @ weight.T` in place, x contiguous with a's rows: a residual add that cuBLAS's epilogue does
+    (beta = 1, one rounding), not a pass of its own. Returns x."""
+    x.view(-1, x.shape[-1]).addmm_(a.reshape(-1, a.shape[-1]), weight.t())
+    return x
+
+
+def text_attention(
+    attn: Attention, x: torch.Tensor, context: torch.Tensor, frames: int, *, residual: torch.Tensor | None = None
+) -> torch.Tensor:
     """Cross-attention to one text per clip: every frame's tokens attend to the same keys.
 
     `(b f) l c` queries are regrouped to `b (f l) c`, so keys/values are projected once per clip instead of
-    once per frame, with the same result.
+    once per frame, with the same result. `residual`: see `Attention.output`.
     """
     q = rearrange(attn.to_q(x), "(b f) l c -> b (f l) c", f=frames)
-    out = attn.attend(q, attn.to_k(context), attn.to_v(context))
-    return rearrange(out, "b (f l) c -> (b f) l c", f=frames)
+    out = attn.attend(q, attn.to_k(context), attn.to_v(context), residual=residual)
+    return out if residual is not None else rearrange(out, "b (f l) c -> (b f) l c", f=frames)
 
 
-def sparse_causal_attention(attn: Attention, x: torch.Tensor, frames: int) -> torch.Tensor:
-    """Frame i attends to the tokens of frame 0 and of frame i-1 (frame 0 to itself twice)."""
+def sparse_causal_attention(
+    attn: Attention, x: torch.Tensor, frames: int, *, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Frame i attends to the tokens of frame 0 and of frame i-1 (frame 0 to itself twice).
+
+    `residual`: see `Attention.output`."""
     # Separate projections: k and v are gathered by frame below. With views of one product here and in its
     # temporal layers, the interpolation model's eager call on an H200 took 228 ms, against 218 without.
     q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
@@ -347,11 +391,11 @@ def sparse_causal_attention(attn: Attention, x: torch.Tensor, frames: int) -> to
         # model on an H200 (bench/attention.py, fp16) took 8.3 / 1.16 / 0.57 ms at its three levels, against
         # 10.0 / 2.34 / 1.20 with SDPA on gathered keys.
         key_frames = torch.stack([torch.zeros_like(previous), previous], dim=1)
-        return attn.to_out[0](fused.key_frame_attention(q, k, v, attn.heads, frames, key_frames))
+        return attn.output(fused.key_frame_attention(q, k, v, attn.heads, frames, key_frames), residual)
     k, v = (rearrange(t, "(b f) l c -> b f l c", f=frames) for t in (k, v))
     k = rearrange(torch.cat([k[:, :1].expand_as(k), k[:, previous]], dim=2), "b f l c -> (b f) l c")
     v = rearrange(torch.cat([v[:, :1].expand_as(v), v[:, previous]], dim=2), "b f l c -> (b f) l c")
-    return attn.attend(q, k, v)
+    return attn.attend(q, k, v, residual=residual)
 
 
 class RotaryEmbedding(nn.Module):
@@ -431,7 +475,10 @@ class TemporalAttention(Attention):
         sdpa = self.plain and fused.is_cuda(x) and not torch.compiler.is_compiling()
         return fused.available(x, frames) or sdpa
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, *, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`residual` (x's shape): see `Attention.output`."""
         frames = x.shape[1]
         bias = self.time_rel_pos_bias(frames, x.device) if hasattr(self, "time_rel_pos_bias") else None
         # The kernel reads q, k and v through strides, so one projection serves it. The paths below regroup
@@ -440,9 +487,9 @@ class TemporalAttention(Attention):
         # Checked on q, which needs a gradient whenever these weights are trained (the kernel has no backward).
         if fused.available(q, frames):
             rotary = self.rotary_emb.table(frames, x.device) if hasattr(self, "rotary_emb") else None
-            return self.to_out[0](fused.temporal_attention(q, k, v, self.heads, rotary=rotary, bias=bias))
+            return self.output(fused.temporal_attention(q, k, v, self.heads, rotary=rotary, bias=bias), residual)
         if x.ndim == 4 and self.plain:
-            return self.to_out[0](video_token_attention(q, k, v, self.heads))
+            return self.output(video_token_attention(q, k, v, self.heads), residual)
         grouped = "b f l (h d) -> (b l) h f d" if x.ndim == 4 else "n f (h d) -> n h f d"
         q, k, v = (rearrange(t, grouped, h=self.heads) for t in (q, k, v))
         if hasattr(self, "rotary_emb"):
@@ -450,8 +497,8 @@ class TemporalAttention(Attention):
         bias = None if bias is None else bias.to(q.dtype)
         out = short_sequence_attention(q, k, v, bias)
         if x.ndim == 4:
-            return self.to_out[0](rearrange(out, "(b l) h f d -> b f l (h d)", l=x.shape[2]))
-        return self.to_out[0](merge_heads(out))
+            return self.output(rearrange(out, "(b l) h f d -> b f l (h d)", l=x.shape[2]), residual)
+        return self.output(merge_heads(out), residual)
 
 
 # Some SDPA CUDA kernels launch a block per head on a grid axis that holds at most 65535.
@@ -515,12 +562,17 @@ class LayerNorm(nn.LayerNorm):
     """nn.LayerNorm (same parameters and keys). On NVIDIA GPUs outside `torch.compile` (which fuses it with
     its neighbours), one kernel: `fused.layer_norm`, 3x torch's speed on half-precision videos."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fused_for(self, x: torch.Tensor) -> bool:
+        """Whether `forward` takes the kernel for x."""
         w, b = self.weight, self.bias
         trainable = torch.is_grad_enabled() and w is not None and w.requires_grad
-        if w is not None and b is not None and not trainable and fused.eager_kernels_usable(x):
-            return fused.layer_norm(x, w, b, self.eps)
-        return super().forward(x)
+        return w is not None and b is not None and not trainable and fused.eager_kernels_usable(x)
+
+    def forward(self, x: torch.Tensor, *, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """offset: `c`, normalise `x + offset`; the kernel adds it on the fly, without a pass of its own."""
+        if self.fused_for(x):
+            return fused.layer_norm(x, self.weight, self.bias, self.eps, offset=offset)
+        return super().forward(x if offset is None else x + offset.to(x.dtype))
 
 
 class FeedForward(nn.Module):
@@ -528,8 +580,11 @@ class FeedForward(nn.Module):
         super().__init__()
         self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor, *, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """`residual`: the output projection without its bias added into it in place (`add_product_`)."""
+        if residual is None:
+            return self.net(x)
+        return add_product_(residual, self.net[0](x), self.net[2].weight)
 
 
 class TransformerBlock(nn.Module):
@@ -578,7 +633,38 @@ class TransformerBlock(nn.Module):
         x = torch.cat([x[:, :video] + attn(norm(x[:, :video])), x[:, video:]], dim=1) if image_frames else x + attn(norm(x))
         return rearrange(x, "(b l) f c -> (b f) l c", l=tokens)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, frames: int, image_frames: int = 0) -> torch.Tensor:
+    def residual_biases(self) -> list[torch.Tensor | None]:
+        """The biases of the four residual branches' output projections, in the order they are added."""
+        temporal, ff = getattr(self, f"attn_{self.temporal_attr}").to_out[0].bias, self.ff.net[2].bias
+        later = (ff, temporal) if self.temporal_after_ff else (temporal, ff)
+        return [self.attn1.to_out[0].bias, self.attn2.to_out[0].bias, *later]
+
+    def folds_biases(self, x: torch.Tensor, frames: int, image_frames: int = 0) -> bool:
+        """Whether `forward` takes `offsets` here: no gradient, every LayerNorm a kernel that adds an offset
+        on the fly, every branch with a bias, and the temporal attention on the tokens in place."""
+        norms = (self.norm1, self.norm2, self.norm3, getattr(self, f"norm_{self.temporal_attr}"))
+        attn = getattr(self, f"attn_{self.temporal_attr}")
+        return (
+            not torch.is_grad_enabled() and not image_frames and all(n.fused_for(x) for n in norms)
+            and all(b is not None for b in self.residual_biases()) and attn.reads_video_tokens(x, frames)
+        )
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, frames: int, image_frames: int = 0,
+        *, offsets: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: `(b f) l c`.
+
+        offsets: float32 `4 c`, where `folds_biases`. x is then a contiguous stream, and branch k's input
+        (`residual_biases` order) is `x + offsets[k]`: each LayerNorm adds the offset on the fly, and each
+        branch adds its output projection into the stream in place without the bias (cuBLAS's epilogue reads
+        the stream), so no residual add is a pass of its own (eager VSR call on an H200: they took 13 ms).
+        The stream is returned; the block's output is it plus `offsets[3]` and the last branch's bias.
+        `SpatialTransformer` starts the stream ahead by all the biases (its projection in adds them), so
+        that sum is zero.
+        """
+        if offsets is not None:
+            return self._forward_stream(x, context, frames, offsets)
         h = self.norm1(x)
         if self.spatial == "full":
             x = x + self.attn1(h)
@@ -592,6 +678,25 @@ class TransformerBlock(nn.Module):
         x = x + self.ff(self.norm3(x))
         if self.temporal_after_ff:
             x = self.temporal(x, frames, image_frames)
+        return x
+
+    def _forward_stream(self, x: torch.Tensor, context: torch.Tensor, frames: int, offsets: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x, offset=offsets[0])
+        if self.spatial == "full":
+            self.attn1(h, residual=x)
+        elif self.spatial == "sparse_causal":
+            sparse_causal_attention(self.attn1, h, frames, residual=x)
+        else:
+            text_attention(self.attn1, h, context, frames, residual=x)
+        text_attention(self.attn2, self.norm2(x, offset=offsets[1]), context, frames, residual=x)
+        video = x.unflatten(0, (-1, frames))  # (b f) l c -> b f l c, a view
+        norm, attn = getattr(self, f"norm_{self.temporal_attr}"), getattr(self, f"attn_{self.temporal_attr}")
+        later = ("ff", "temporal") if self.temporal_after_ff else ("temporal", "ff")
+        for k, branch in enumerate(later, start=2):
+            if branch == "temporal":
+                attn(norm(video, offset=offsets[k]), residual=video)
+            else:
+                self.ff(self.norm3(x, offset=offsets[k]), residual=x)
         return x
 
 
@@ -626,14 +731,31 @@ class SpatialTransformer(nn.Module):
             x = self.resblock_temporal(x)
         residual = rearrange(x, "b c f h w -> (b f) c h w")
         h = self.norm(residual)
-        if self.linear_projection:
-            h = self.proj_in(rearrange(h, "n c h w -> n (h w) c"))
+        if all(block.folds_biases(h, f, image_frames) for block in self.transformer_blocks):
+            h = self._blocks_folded(h, context, f)
         else:
-            h = rearrange(conv(self.proj_in, h), "n c h w -> n (h w) c")
-        for block in self.transformer_blocks:
-            h = block(h, context, f, image_frames)
+            if self.linear_projection:
+                h = self.proj_in(rearrange(h, "n c h w -> n (h w) c"))
+            else:
+                h = rearrange(conv(self.proj_in, h), "n c h w -> n (h w) c")
+            for block in self.transformer_blocks:
+                h = block(h, context, f, image_frames)
         if self.linear_projection:
             h = rearrange(self.proj_out(h), "n (h w) c -> n c h w", h=hh) + residual
         else:
             h = conv(self.proj_out, rearrange(h, "n (h w) c -> n c h w", h=hh), residual=residual)
         return rearrange(h, "(b f) c h w -> b c f h w", f=f)
+
+    def _blocks_folded(self, h: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
+        """Projection in and the blocks on one stream (`TransformerBlock.forward`'s `offsets`): the projection's
+        bias also adds every branch's bias ahead of time, and each LayerNorm takes off what is not yet due."""
+        biases = torch.stack([b for block in self.transformer_blocks for b in block.residual_biases()]).float()
+        due = biases.cumsum(0)
+        total = due[-1]
+        offsets = (due - biases - total).view(len(self.transformer_blocks), 4, -1)
+        bias = total if self.proj_in.bias is None else self.proj_in.bias.float() + total
+        # Either projection (a Linear or a 1x1 convolution) is a matmul of the channels-last rows.
+        stream = F.linear(rearrange(h, "n c h w -> n (h w) c"), self.proj_in.weight.flatten(1), bias.to(h.dtype))
+        for block, block_offsets in zip(self.transformer_blocks, offsets):
+            stream = block(stream, context, frames, offsets=block_offsets)
+        return stream

@@ -10,7 +10,8 @@ weighted sum are two tensor-core dots of `frames x head_dim` tiles (padded to 16
 
 GroupNorm on a channels-last video is `channel_sums` (per-channel float32 sums and sums of squares, one
 read) and `scale_shift` (normalisation and the SiLU that follows it, one read and one write);
-`blocks.group_norm` turns the sums into group statistics.
+`blocks.group_norm` turns the sums into the scale and shift, eagerly with `group_affine` (one program per
+sample, instead of torch's dozen or so tiny launches).
 
 Key-frame attention is flash attention where each frame's tokens attend to the tokens of a few chosen
 frames of their clip (the interpolation model's sparse causal attention: frames 0 and i-1), read in place,
@@ -22,12 +23,13 @@ gate half of the weight, that stores only `value * gelu(gate)`: the 2x-wide prod
 Its tiles move through tensor descriptors (TMA on Hopper, plain loads elsewhere); a launch whose kernel
 does not fit the GPU's shared memory falls back to smaller tiles (`_launch_fitting`).
 
-Outside `torch.compile`, which fuses such passes itself, three bandwidth-bound kernels replace torch's
+Outside `torch.compile`, which fuses such passes itself, four bandwidth-bound kernels replace torch's
 slower ones on half-precision videos: a convolution's bias (and the residual after it) added in place,
-LayerNorm, and the channel concatenation of a skip connection (`eager_kernels_usable` says where).
+LayerNorm (optionally of `x + offset`), the channel concatenation of a skip connection, and the
+interleaving of an upsampling convolution's four output phases (`eager_kernels_usable` says where).
 
 The kernels that compiled calls use are torch custom ops, so `torch.compile` keeps each as one kernel; the
-three eager-only ones are launched directly. None has a backward: training and CPU inference take the torch
+eager-only ones are launched directly. None has a backward: training and CPU inference take the torch
 paths in `blocks`.
 """
 from __future__ import annotations
@@ -52,7 +54,7 @@ __all__ = [
     "available", "kernels_available", "kernels_usable", "is_cuda", "meta_as_cuda",
     "temporal_attention", "key_frame_attention", "channel_sums", "scale_shift", "geglu", "bias_add_",
     "channels_last_rows", "layer_norm", "concat_channels", "eager_kernels_usable", "bias_add_fits",
-    "concat_channels_fits", "geglu_fits", "MAX_FRAMES",
+    "concat_channels_fits", "geglu_fits", "upsample_phases", "upsample_phases_fits", "group_affine", "MAX_FRAMES",
 ]
 
 # A program holds `frames x head_dim` tiles of q, k, v and the scores in registers: up to 64 frames (the
@@ -268,6 +270,38 @@ if triton is not None:
         tl.store(out + channels, tl.sum(squares, 0), mask=col_ok)
 
     @triton.jit
+    def _group_affine_kernel(
+        sums_ptr, offset_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, rows, eps,
+        CHANNELS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr, GROUPS_PAD: tl.constexpr,
+        GROUP_PAD: tl.constexpr, OFFSET: tl.constexpr,
+    ):
+        # One program per sample holds its channels as `groups x channels per group`, so each group's
+        # statistics are one row reduction.
+        sample = tl.program_id(0).to(tl.int64)
+        g = tl.arange(0, GROUPS_PAD)
+        j = tl.arange(0, GROUP_PAD)
+        mask = (g < GROUPS)[:, None] & (j < GROUP)[None, :]
+        cols = g[:, None] * GROUP + j[None, :]
+        total = tl.load(sums_ptr + sample * 2 * CHANNELS + cols, mask=mask, other=0.0)
+        squares = tl.load(sums_ptr + (sample * 2 + 1) * CHANNELS + cols, mask=mask, other=0.0)
+        m = rows.to(tl.float32)
+        if OFFSET:
+            t = tl.load(offset_ptr + sample * CHANNELS + cols, mask=mask, other=0.0).to(tl.float32)
+            squares += t * (2 * total + m * t)
+            total += m * t
+        n = m * GROUP
+        mean = tl.sum(total, 1) / n
+        var = tl.maximum(tl.sum(squares, 1) / n - mean * mean, 0.0)
+        weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = (1.0 / tl.sqrt(var + eps))[:, None] * weight
+        shift = bias - mean[:, None] * scale
+        if OFFSET:
+            shift += t * scale
+        tl.store(scale_ptr + sample * CHANNELS + cols, scale, mask=mask)
+        tl.store(shift_ptr + sample * CHANNELS + cols, shift, mask=mask)
+
+    @triton.jit
     def _scale_shift_kernel(
         x_ptr, out_ptr, scale_ptr, shift_ptr, rows, channels,
         SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -322,14 +356,16 @@ if triton is not None:
 
     @triton.jit
     def _layer_norm_kernel(
-        x_ptr, weight_ptr, bias_ptr, out_ptr, rows, stride_x, eps,
-        CHANNELS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        x_ptr, weight_ptr, bias_ptr, offset_ptr, out_ptr, rows, stride_x, eps,
+        CHANNELS: tl.constexpr, OFFSET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
         col_ok = cols < CHANNELS
         mask = (r < rows)[:, None] & col_ok[None, :]
         v = tl.load(x_ptr + r.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if OFFSET:
+            v += tl.load(offset_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         mean = tl.sum(v, 1) / CHANNELS
         centred = tl.where(col_ok[None, :], v - mean[:, None], 0.0)
         rstd = tl.rsqrt(tl.sum(centred * centred, 1) / CHANNELS + eps)
@@ -337,6 +373,27 @@ if triton is not None:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         y = centred * rstd[:, None] * weight[None, :] + bias[None, :]
         tl.store(out_ptr + r.to(tl.int64)[:, None] * CHANNELS + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _upsample_phases_kernel(
+        y_ptr, bias_ptr, out_ptr, rows, height, width,
+        CHANNELS: tl.constexpr, BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        # Output pixel (n, 2i + p, 2j + q) is phase 2p + q's channels of y at (n, i + p, j + q): each output
+        # row of channels is one contiguous run of y's, so reads and writes both move whole rows.
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < CHANNELS
+        mask = (r < rows)[:, None] & col_ok[None, :]
+        image, pixel = r // (4 * height * width), r % (4 * height * width)
+        row, col = pixel // (2 * width), pixel % (2 * width)
+        p, q = row % 2, col % 2
+        source = ((image * (height + 1) + row // 2 + p) * (width + 1) + col // 2 + q).to(tl.int64)
+        phase = (2 * p + q) * CHANNELS
+        v = tl.load(y_ptr + source[:, None] * (4 * CHANNELS) + phase[:, None] + cols[None, :], mask=mask, other=0.0)
+        if BIAS:
+            v = v.to(tl.float32) + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + r.to(tl.int64)[:, None] * CHANNELS + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _erf(z, FAST_RCP: tl.constexpr):
@@ -419,6 +476,23 @@ def _launch_channel_sums(x: torch.Tensor) -> torch.Tensor:
     return partial.sum(1)
 
 
+def _launch_group_affine(
+    sums: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, rows: int, eps: float,
+    offset: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    samples, _, channels = sums.shape
+    scale = torch.empty((samples, channels), device=sums.device, dtype=torch.float32)
+    shift = torch.empty_like(scale)
+    group = channels // groups
+    _group_affine_kernel[(samples,)](
+        sums.contiguous(), scale if offset is None else offset.contiguous(), weight.contiguous(), bias.contiguous(),
+        scale, shift, rows, eps, CHANNELS=channels, GROUPS=groups, GROUP=group,
+        GROUPS_PAD=triton.next_power_of_2(groups), GROUP_PAD=triton.next_power_of_2(group), OFFSET=offset is not None,
+        num_warps=4,
+    )
+    return scale, shift
+
+
 def _row_tiles(channels: int, widest: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_C) for the row-wise kernels: up to `widest` channels and 4096 elements per program."""
     block_c = min(widest, triton.next_power_of_2(channels))
@@ -456,15 +530,26 @@ def _launch_concat_channels(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     )
 
 
-def _launch_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def _launch_layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, offset: torch.Tensor | None
+) -> torch.Tensor:
     rows, channels = x.shape
     out = torch.empty((rows, channels), device=x.device, dtype=x.dtype)
     block_r, block_c = _row_tiles(channels, triton.next_power_of_2(channels))  # a whole row per program
     _layer_norm_kernel[(triton.cdiv(rows, block_r),)](
-        x, weight.contiguous(), bias.contiguous(), out, rows, x.stride(0), eps,
-        CHANNELS=channels, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        x, weight.contiguous(), bias.contiguous(), weight if offset is None else offset.contiguous(), out, rows,
+        x.stride(0), eps, CHANNELS=channels, OFFSET=offset is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return out
+
+
+def _launch_upsample_phases(y: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, height: int, width: int) -> None:
+    rows, channels = out.shape
+    block_r, block_c = _row_tiles(channels, 256)
+    _upsample_phases_kernel[(triton.cdiv(rows, block_r), triton.cdiv(channels, block_c))](
+        y, out if bias is None else bias.contiguous(), out, rows, height, width,
+        CHANNELS=channels, BIAS=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    )
 
 
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
@@ -726,6 +811,28 @@ def channel_sums(x: torch.Tensor) -> torch.Tensor:
     return _channel_sums_shape(x.contiguous()) if x.is_meta else _channel_sums_op(x)
 
 
+def group_affine(
+    sums: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, rows: int, eps: float,
+    *, offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm's float32 `b c` scale and shift from `channel_sums` of `rows` rows per sample, in one kernel:
+    `x * scale + shift` normalises x with its groups' statistics and applies weight and bias.
+
+    offset: `b c`, statistics of `x + offset` (the sums are of x), and a shift that applies to x. Torch's
+    arithmetic for this is about fifteen kernels of a few microseconds each, per GroupNorm.
+    """
+    if sums.ndim != 3 or sums.shape[1] != 2 or sums.shape[2] % groups:
+        raise ValueError(f"group_affine takes `b 2 c` sums with c a multiple of {groups} groups, got {tuple(sums.shape)}")
+    samples, _, channels = sums.shape
+    for name, t, shape in (("weight", weight, (channels,)), ("bias", bias, (channels,)), ("offset", offset, (samples, channels))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"group_affine: {name} must be shaped {shape}, got {tuple(t.shape)}")
+    if sums.is_meta:
+        return tuple(torch.empty((samples, channels), device=sums.device, dtype=torch.float32) for _ in range(2))
+    _require_kernels("group_affine")
+    return _launch_group_affine(sums, weight, bias, groups, rows, eps, offset)
+
+
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, silu: bool = False) -> torch.Tensor:
     """`x * scale + shift` per clip and channel (float32 `b c`), then SiLU if asked: GroupNorm's second pass.
 
@@ -799,21 +906,55 @@ def concat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return rows.view(*a.movedim(1, -1).shape[:-1], -1).movedim(-1, 1)
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def layer_norm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *, offset: torch.Tensor | None = None
+) -> torch.Tensor:
     """LayerNorm over the last dimension with float32 statistics, one read and one write of x; the result is
     contiguous, in x's dtype.
 
     torch's kernel moves a half-precision video at 0.8-1.7 TB/s at the models' widths (320-1024 channels),
     this one at 3.0-4.1 on an H200 (`655360 x 512`: 1.11 -> 0.33 ms).
+
+    offset: `c`, normalise `x + offset` (added in float32) without that sum being written.
     """
     c = x.shape[-1]
     if tuple(weight.shape) != (c,) or tuple(bias.shape) != (c,):
         raise ValueError(f"layer_norm: weight and bias must be shaped ({c},), got {tuple(weight.shape)}, {tuple(bias.shape)}")
+    if offset is not None and tuple(offset.shape) != (c,):
+        raise ValueError(f"layer_norm: the offset must be shaped ({c},), got {tuple(offset.shape)}")
     rows = _unit_stride(x.reshape(-1, c))
     if x.is_meta:
         return torch.empty(x.shape, device=x.device, dtype=x.dtype)
     _require_kernels("layer_norm")
-    return _launch_layer_norm(rows, weight, bias, eps).view(x.shape)
+    return _launch_layer_norm(rows, weight, bias, eps, offset).view(x.shape)
+
+
+def upsample_phases_fits(y: torch.Tensor) -> bool:
+    """Whether `upsample_phases` takes y: four phases' channels, stored channels-last and dense."""
+    return y.ndim == 4 and y.shape[1] % 4 == 0 and channels_last_rows(y) is not None
+
+
+def upsample_phases(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The 2x upsampled image `n o 2h 2w` (channels-last) whose pixel (2i + p, 2j + q) is y's phase 2p + q at
+    (i + p, j + q), plus `bias` (o,): `blocks.upsample_conv`'s output from its phase convolution
+    `n 4o (h+1) (w+1)`.
+
+    torch writes this interleaving through a strided view with its generic kernel, at about a fifth of an
+    H200's bandwidth (VSR's largest, `8 x 512 x 320 x 512`: 3.5 ms); here every pixel is one contiguous
+    run of channels read and written.
+    """
+    if not upsample_phases_fits(y):
+        raise ValueError(f"upsample_phases takes a channels-last `n 4o h w` y, got {tuple(y.shape)}")
+    n, o4, h1, w1 = y.shape
+    o = o4 // 4
+    if bias is not None and tuple(bias.shape) != (o,):
+        raise ValueError(f"upsample_phases: the bias must be shaped ({o},), got {tuple(bias.shape)}")
+    h, w = h1 - 1, w1 - 1
+    out = torch.empty(n, o, 2 * h, 2 * w, dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
+    if not y.is_meta:
+        _require_kernels("upsample_phases")
+        _launch_upsample_phases(channels_last_rows(y), bias, channels_last_rows(out), h, w)
+    return out
 
 
 def _descriptor_widths(x: torch.Tensor, weight: torch.Tensor) -> bool:

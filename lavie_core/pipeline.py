@@ -624,8 +624,8 @@ def estimate_unet_memory(
     included. Tracing takes about a second; repeated shapes are cached.
 
     Measured on an H200 (``cudnn.benchmark`` off; eager, fp16, guidance batched, peak minus weights and
-    inputs; ``python bench/memory.py``) against the traced peaks: base 0.60 GiB (traced 0.57), interpolation
-    2.15 (2.15), VSR 8-frame chunk 9.61 (9.61); without the kernels 1.10, 4.20 and 16.48 (the same as
+    inputs; ``python bench/memory.py``) against the traced peaks: base 0.55 GiB (traced 0.52), interpolation
+    1.97 (1.97), VSR 8-frame chunk 8.98 (8.98); without the kernels 1.10, 4.20 and 16.48 (the same as
     traced). Compiled calls measured no higher peaks (VSR: lower).
     """
     int_at_least("frames", frames, 1)

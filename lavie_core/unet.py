@@ -314,8 +314,9 @@ def compile_unet(unet: nn.Module, *, backend: str = "inductor") -> nn.Module:
     new shape (frames, size, a VSR chunk, a guidance mode) compiles once more. The wrapper shares the
     UNet's parameters, so weights moved or patched in place (device offloading, LoRA) stay in use.
     Measured on an H200 (fp16, one guided call, replayed from CUDA graphs: `lavie_core.graphs`), eager
-    against compiled: base 42.3-43.2 -> 39.8-39.9 ms, interpolation 165.6-166.0 -> 166.0-167.0 ms, VSR
-    8-frame chunk 563.2-567.0 -> 568.4 ms. Compiling takes about 1 to 3 minutes per stage and shape, so it pays off over repeated runs.
+    against compiled: base 39.6-41.1 -> 39.8-39.9 ms, interpolation 160.6-161.3 -> 166.0-167.0 ms, VSR
+    8-frame chunk 544.8-553.1 -> 568.4 ms: the eager path's kernels now do the fusions Inductor does, and
+    compiling takes about 1 to 3 minutes per stage and shape.
     `backend` is torch.compile's (Inductor by default).
 
     Raises torch's per-function graph limit (process-wide) to at least `RECOMPILE_LIMIT`, since all UNets

@@ -79,12 +79,10 @@ class LaVieLoader:
             **dtype_device_inputs(),
         }, "optional": {
             "compile": ("BOOLEAN", {"default": False, "tooltip": (
-                "Run the UNet through torch.compile. On an H200 a compiled base call took 39.9 ms instead of "
-                "42.3-43.2 (with CUDA graphs); interpolation and VSR calls took about the same either way (166-167 "
-                "ms; VSR 563-568), "
-                "but each stage first compiles for 1-3 "
-                "minutes, again for every new shape (frames, size, VSR chunk) in a ComfyUI session: it pays off "
-                "over repeated runs. Needs Triton on the GPU.")}),
+                "Run the UNet through torch.compile. On an H200 (with CUDA graphs) it no longer pays: eager calls "
+                "took 39.6-41.1 ms (base), 160.6-161.3 (interpolation) and 545-553 (VSR 8-frame chunk), compiled "
+                "ones 39.8-39.9, 166-167 and 568, and each stage first compiles for 1-3 minutes, again for every "
+                "new shape (frames, size, VSR chunk) in a ComfyUI session. Needs Triton on the GPU.")}),
             "cuda_graph": ("BOOLEAN", {"default": True, "tooltip": (
                 "Replay the UNet's calls from CUDA graphs (NVIDIA GPUs): from the second step on, a call is "
                 "one launch instead of 1,000-2,500 kernel launches, so the CPU no longer holds the GPU back. "

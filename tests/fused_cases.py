@@ -172,24 +172,29 @@ def bias_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     return ((out.float() - expected).abs() / expected.abs().clamp(min=1)).max().item()
 
 
-# LayerNorm over the last dimension. id: (rows, channels, strided): 40 and 1280 channels leave masked
-# columns (one block of 64 and 2048); `strided` reads every other row of a longer tensor.
+# LayerNorm over the last dimension. id: (rows, channels, strided, offset): 40 and 1280 channels leave masked
+# columns (one block of 64 and 2048); `strided` reads every other row of a longer tensor; `offset` normalises
+# x + a float32 per-channel offset (a transformer stream's biases not yet added).
 LAYER_NORM_CASES = {
-    "layer-norm-odd-channels": (37, 40, False),
-    "layer-norm-wide-1280": (5, 1280, False),
-    "layer-norm-strided-rows": (9, 320, True),
+    "layer-norm-odd-channels": (37, 40, False, False),
+    "layer-norm-wide-1280": (5, 1280, False, False),
+    "layer-norm-strided-rows": (9, 320, True, False),
+    "layer-norm-offset-odd-channels": (11, 40, False, True),
+    "layer-norm-offset-strided": (9, 320, True, True),
 }
 
 
 def layer_norm_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
     """Error relative to the magnitude (at least 1) against float32 LayerNorm of the same inputs."""
-    rows, channels, strided = LAYER_NORM_CASES[case]
+    rows, channels, strided, with_offset = LAYER_NORM_CASES[case]
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2 * rows if strided else rows, channels, generator=g) * 3 + 1).to(device, dtype)
     x = x[::2] if strided else x
     weight, bias = (torch.randn(channels, generator=g).to(device, dtype) for _ in range(2))
-    expected = torch.nn.functional.layer_norm(x.float(), (channels,), weight.float(), bias.float(), 1e-5)
-    out = fused.layer_norm(x, weight, bias, 1e-5)
+    offset = (torch.randn(channels, generator=g) * 2).to(device) if with_offset else None
+    shifted = x.float() if offset is None else x.float() + offset
+    expected = torch.nn.functional.layer_norm(shifted, (channels,), weight.float(), bias.float(), 1e-5)
+    out = fused.layer_norm(x, weight, bias, 1e-5, offset=offset)
     assert out.shape == x.shape and out.dtype == dtype
     return ((out.float() - expected).abs() / expected.abs().clamp(min=1)).max().item()
 
@@ -216,7 +221,59 @@ def concat_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.
     return (out.float() - expected.float()).abs().max().item()
 
 
-ALL_CASES = [*CASES, *NORM_CASES, *GEGLU_CASES, *KEY_FRAME_CASES, *BIAS_CASES, *LAYER_NORM_CASES, *CONCAT_CASES]
+# An upsampling convolution's four phases interleaved into the 2x image. id: (y's shape `n 4o h+1 w+1`, bias):
+# 40 channels leave a partial column block; 3 x 5 and 2 x 2 inputs put phases at every edge.
+PHASES_CASES = {
+    "phases-bias-odd-size": ((2, 160, 4, 6), True),
+    "phases-no-bias": ((3, 32, 3, 3), False),
+    "phases-wide-bias": ((1, 1280, 3, 4), True),
+}
+
+
+def phases_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Against the strided view `blocks.upsample_conv` reads the phases through."""
+    shape, with_bias = PHASES_CASES[case]
+    n, o4, h1, w1 = shape
+    o, h, w = o4 // 4, h1 - 1, w1 - 1
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    bias = torch.randn(o, generator=g).to(device, dtype) if with_bias else None
+    sn, sc, sh, sw = y.stride()
+    phases = y.as_strided((n, o, h, 2, w, 2), (sn, sc, sh, sh + 2 * o * sc, sw, sw + o * sc)).float()
+    expected = (phases if bias is None else phases + bias.float().view(1, o, 1, 1, 1, 1)).reshape(n, o, 2 * h, 2 * w)
+    out = fused.upsample_phases(y, bias)
+    assert out.shape == expected.shape and out.is_contiguous(memory_format=torch.channels_last)
+    return (out.float() - expected).abs().max().item()
+
+
+# GroupNorm's scale and shift from per-channel sums. id: (samples, rows, channels, groups, offset): 10 and 6
+# channels per group leave masked columns, 5 groups a masked row of groups.
+GROUP_AFFINE_CASES = {
+    "group-affine-320-offset": (2, 7, 320, 32, True),
+    "group-affine-five-groups": (3, 5, 30, 5, False),
+    "group-affine-1280-offset": (1, 4, 1280, 32, True),
+}
+
+
+def group_affine_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """`x * scale + shift` against torch's GroupNorm of `x + offset`, relative to the magnitude (at least 1)."""
+    samples, rows, channels, groups, with_offset = GROUP_AFFINE_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(samples, rows, channels, generator=g) * 2 + 0.5).to(device, dtype)
+    weight, bias = (torch.randn(channels, generator=g).to(device, dtype) for _ in range(2))
+    offset = torch.randn(samples, channels, generator=g).to(device, dtype) if with_offset else None
+    shifted = x.float() if offset is None else x.float() + offset.float()[:, None]
+    expected = torch.nn.functional.group_norm(shifted.transpose(1, 2), groups, weight.float(), bias.float(), 1e-5)
+    sums = torch.stack([x.double().sum(1), x.double().square().sum(1)], dim=1).float()
+    scale, shift = fused.group_affine(sums, weight, bias, groups, rows, 1e-5, offset=offset)
+    out = (x.float() * scale[:, None] + shift[:, None]).transpose(1, 2)
+    return ((out - expected).abs() / expected.abs().clamp(min=1)).max().item()
+
+
+ALL_CASES = [
+    *CASES, *NORM_CASES, *GEGLU_CASES, *KEY_FRAME_CASES, *BIAS_CASES, *LAYER_NORM_CASES, *CONCAT_CASES, *PHASES_CASES,
+    *GROUP_AFFINE_CASES,
+]
 
 
 def case_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
@@ -231,6 +288,10 @@ def case_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         return layer_norm_max_error(case, device, dtype)
     if case in CONCAT_CASES:
         return concat_max_error(case, device, dtype)
+    if case in PHASES_CASES:
+        return phases_max_error(case, device, dtype)
+    if case in GROUP_AFFINE_CASES:
+        return group_affine_max_error(case, device, dtype)
     return (norm_max_error if case in NORM_CASES else max_error)(case, device, dtype)
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from fused_cases import ALL_CASES, BIAS_CASES, GEGLU_CASES, LAYER_NORM_CASES, NORM_CASES, case_error
+from fused_cases import ALL_CASES, BIAS_CASES, GEGLU_CASES, GROUP_AFFINE_CASES, LAYER_NORM_CASES, NORM_CASES, case_error
 from lavie_core import LaVieUNet, UNetConfig, blocks, fused
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +59,7 @@ def test_cuda_kernels_match_torch(case):
     assert case_error(case, "cuda") < 1e-5
     # The norms' and the bias add's errors are relative to the magnitude; attention's is absolute on outputs
     # of order 1.
-    relative = case in NORM_CASES or case in BIAS_CASES or case in LAYER_NORM_CASES
+    relative = any(case in cases for cases in (NORM_CASES, BIAS_CASES, LAYER_NORM_CASES, GROUP_AFFINE_CASES))
     assert case_error(case, "cuda", torch.float16) < (1e-3 if relative else 2e-2)
 
 
@@ -140,6 +140,36 @@ def test_cuda_sdpa_on_video_tokens_equals_pixel_grouped(monkeypatch, dtype, max_
         pytest.param(
             lambda: fused.layer_norm(torch.zeros(2, 5, 8), torch.zeros(8), torch.zeros(5), 1e-5),
             r"weight and bias must be shaped \(8,\), got \(8,\), \(5,\)", id="layer-norm-bias-shape",
+        ),
+        pytest.param(
+            lambda: fused.layer_norm(torch.zeros(2, 5, 8), torch.zeros(8), torch.zeros(8), 1e-5, offset=torch.zeros(2, 8)),
+            r"the offset must be shaped \(8,\), got \(2, 8\)", id="layer-norm-offset-shape",
+        ),
+        pytest.param(
+            lambda: fused.group_affine(torch.zeros(2, 2, 30), torch.zeros(30), torch.zeros(30), 4, 5, 1e-5),
+            r"`b 2 c` sums with c a multiple of 4 groups, got \(2, 2, 30\)", id="group-affine-groups",
+        ),
+        pytest.param(
+            lambda: fused.group_affine(torch.zeros(2, 2, 32), torch.zeros(32), torch.zeros(30), 4, 5, 1e-5),
+            r"bias must be shaped \(32,\), got \(30,\)", id="group-affine-bias",
+        ),
+        pytest.param(
+            lambda: fused.group_affine(
+                torch.zeros(2, 2, 32), torch.zeros(32), torch.zeros(32), 4, 5, 1e-5, offset=torch.zeros(32)
+            ),
+            r"offset must be shaped \(2, 32\), got \(32,\)", id="group-affine-offset",
+        ),
+        pytest.param(
+            lambda: fused.upsample_phases(torch.zeros(2, 8, 3, 3), None),
+            r"takes a channels-last `n 4o h w` y, got \(2, 8, 3, 3\)", id="phases-layout",
+        ),
+        pytest.param(
+            lambda: fused.upsample_phases(torch.zeros(2, 6, 3, 3).to(memory_format=torch.channels_last), None),
+            r"`n 4o h w` y, got \(2, 6, 3, 3\)", id="phases-not-four",
+        ),
+        pytest.param(
+            lambda: fused.upsample_phases(torch.zeros(2, 8, 3, 3).to(memory_format=torch.channels_last), torch.zeros(8)),
+            r"the bias must be shaped \(2,\), got \(8,\)", id="phases-bias-shape",
         ),
     ],
 )
@@ -362,7 +392,7 @@ def test_layer_norm_dispatch(monkeypatch, dtype, grad, expected):
     gradient is needed, and never under torch.compile (which fuses LayerNorm with its neighbours)."""
     calls = []
     monkeypatch.setattr(fused, "kernels_usable", lambda *_: True)
-    monkeypatch.setattr(fused, "layer_norm", lambda x, *_: calls.append(x.shape) or x)
+    monkeypatch.setattr(fused, "layer_norm", lambda x, *_, **__: calls.append(x.shape) or x)
     norm = blocks.LayerNorm(8).to(dtype).requires_grad_(grad)
     x = torch.randn(3, 4, 8, dtype=dtype)
     with torch.no_grad() if not grad else torch.enable_grad():
@@ -370,6 +400,53 @@ def test_layer_norm_dispatch(monkeypatch, dtype, grad, expected):
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         norm(x)
     assert calls == ([(3, 4, 8)] if expected else [])
+
+
+@pytest.mark.parametrize(
+    "grad,compiling,layout,expected",
+    [
+        pytest.param(False, False, torch.channels_last, True, id="eager"),
+        pytest.param(True, False, torch.channels_last, False, id="grad"),
+        pytest.param(False, True, torch.channels_last, False, id="compiling"),
+        pytest.param(False, False, torch.contiguous_format, False, id="nchw"),
+    ],
+)
+def test_upsample_conv_interleaves_phases_with_the_kernel_eagerly(monkeypatch, grad, compiling, layout, expected):
+    # Which path blocks.upsample_conv takes, with the kernel replaced by a recorder (runs without a GPU).
+    calls = []
+    monkeypatch.setattr(fused, "kernels_usable", lambda t: not (torch.is_grad_enabled() and t.requires_grad))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    monkeypatch.setattr(fused, "upsample_phases", lambda y, bias: calls.append(tuple(y.shape)) or torch.zeros(2, 6, 6, 10))
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1).requires_grad_(grad)
+    x = torch.randn(2, 4, 3, 5).contiguous(memory_format=layout)
+    with torch.set_grad_enabled(grad):
+        blocks.upsample_conv(x, conv)
+    assert calls == ([(2, 24, 4, 6)] if expected else [])
+
+
+@pytest.mark.parametrize("compiling,expected", [(False, ["sums", "affine", "scale_shift"]), (True, ["sums", "scale_shift"])],
+                         ids=["eager", "compiling"])
+def test_group_norm_turns_sums_into_scale_and_shift_with_a_kernel_eagerly(monkeypatch, compiling, expected):
+    """Eagerly the scale and shift come from `fused.group_affine` (the offset folded in); under torch.compile
+    from torch's arithmetic, which Inductor fuses. Kernels replaced by recorders (runs without a GPU)."""
+    calls = []
+    monkeypatch.setattr(fused, "kernels_usable", lambda t: True)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    monkeypatch.setattr(blocks, "COMPILED_NORM_KERNEL_MIN_NUMEL", 0)
+    monkeypatch.setattr(fused, "channel_sums", lambda rows: calls.append("sums") or torch.ones(rows.shape[0], 2, rows.shape[2]))
+
+    def affine(sums, weight, bias, groups, rows, eps, *, offset=None):
+        calls.append("affine")
+        assert (groups, rows, offset is not None) == (8, 3 * 4 * 5, True)
+        return torch.ones(2, 64), torch.zeros(2, 64)
+
+    monkeypatch.setattr(fused, "group_affine", affine)
+    monkeypatch.setattr(fused, "scale_shift", lambda rows, *_, silu: calls.append("scale_shift") or rows)
+    norm = blocks.VideoGroupNorm(8, 64)
+    x = torch.randn(2, 64, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        norm(x, silu=True, offset=torch.randn(2, 64))
+    assert calls == expected
 
 
 @pytest.mark.gpu

@@ -344,6 +344,72 @@ def test_image_frames_skip_temporal_attention():
     assert model(*args, image_frames=1).shape == model(*args).shape
 
 
+def _layer_norm_with_offset(x, weight, bias, eps, *, offset=None):
+    """fused.layer_norm's arithmetic in torch (`x + offset` normalised), for the CPU."""
+    shifted = x if offset is None else x + offset.to(x.dtype)
+    return torch.nn.functional.layer_norm(shifted, (x.shape[-1],), weight, bias, eps)
+
+
+def _stream_path_on_cpu(monkeypatch) -> list:
+    """Make every transformer take its bias-folding stream path on the CPU, and record each time one does."""
+    monkeypatch.setattr(blocks.LayerNorm, "fused_for", lambda self, x: True)
+    monkeypatch.setattr(blocks.fused, "layer_norm", _layer_norm_with_offset)
+    monkeypatch.setattr(blocks.TemporalAttention, "reads_video_tokens", lambda self, x, frames: True)
+    calls = []
+    folded = blocks.SpatialTransformer._blocks_folded
+    monkeypatch.setattr(
+        blocks.SpatialTransformer, "_blocks_folded", lambda self, *a: calls.append(type(self)) or folded(self, *a)
+    )
+    return calls
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_transformer_stream_with_folded_biases_equals_the_residual_adds(kind, monkeypatch):
+    """The stream path (branches added into the stream in place, biases added ahead by the projection in and
+    taken off by each LayerNorm) computes the same UNet output."""
+    model = tiny_model(kind)
+    for name, p in model.named_parameters():  # the temporal output projections start at zero
+        if "to_out" in name or name.endswith("net.2.bias"):
+            torch.nn.init.normal_(p, std=0.3)
+    args = inputs(model, 2, 5, 8, 12)
+    with torch.no_grad():
+        want = model(*args)
+        calls = _stream_path_on_cpu(monkeypatch)
+        got = model(*args)
+    assert len(calls) == sum(isinstance(m, blocks.SpatialTransformer) for m in model.modules()) > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_residual_product_added_in_place_counts_the_flops_of_the_linear_layer():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    linear = torch.nn.Linear(12, 8)
+    x, a = torch.randn(2, 5, 8), torch.randn(2, 5, 12)
+    with torch.no_grad(), FlopCounterMode(display=False) as in_place:
+        got = blocks.add_product_(x.clone(), a, linear.weight)
+    with torch.no_grad(), FlopCounterMode(display=False) as plain:
+        want = x + linear(a) - linear.bias
+    assert in_place.get_total_flops() == plain.get_total_flops() == 2 * 10 * 12 * 8
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "grad,image_frames,norm_fused,expected",
+    [
+        pytest.param(False, 0, True, True, id="inference"),
+        pytest.param(True, 0, True, False, id="grad-enabled"),
+        pytest.param(False, 1, True, False, id="image-frames"),
+        pytest.param(False, 0, False, False, id="torch-layer-norm"),
+    ],
+)
+def test_biases_fold_only_without_gradients_on_layer_norm_kernels(monkeypatch, grad, image_frames, norm_fused, expected):
+    block = next(m for m in tiny_model("base").modules() if isinstance(m, blocks.TransformerBlock))
+    monkeypatch.setattr(blocks.LayerNorm, "fused_for", lambda self, x: norm_fused)
+    monkeypatch.setattr(blocks.TemporalAttention, "reads_video_tokens", lambda self, x, frames: True)
+    with torch.set_grad_enabled(grad):
+        assert block.folds_biases(torch.zeros(8, 6, 32), 4, image_frames) is expected
+
+
 @pytest.mark.parametrize("fold_from", [0, 2**62], ids=["folded", "added"])
 @pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
 @pytest.mark.parametrize("shape", [(2, 64, 3, 5, 4), (3, 64, 6, 5)], ids=["video", "images"])
