@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import DTYPES, make_inputs, random_model, time_calls  # noqa: E402
+from speed import DTYPES, add_cudnn_benchmark_option, make_inputs, random_model, time_calls  # noqa: E402
 
 from lavie_core import compile_unet  # noqa: E402  (speed.py puts the project root on sys.path)
 
@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=30, help="rows of the operator table")
     parser.add_argument("--kernels", type=int, default=40, help="how many kernels to list by GPU time")
     parser.add_argument("--cfg-input", default="shared", choices=["shared", "doubled"])
-    parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"],
-                        help="let cuDNN time its convolution algorithms (off: its heuristics pick, as ComfyUI runs)")
+    add_cudnn_benchmark_option(parser)
     args = parser.parse_args(argv)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     device = torch.device("cuda")

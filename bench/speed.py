@@ -81,6 +81,12 @@ def make_inputs(kind: str, device: torch.device, seed: int = 0, cfg_input: str =
     return x, t, ctx, noise
 
 
+def add_cudnn_benchmark_option(parser: argparse.ArgumentParser) -> None:
+    """`--cudnn-benchmark on|off`; the script sets `torch.backends.cudnn.benchmark` from it."""
+    parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"],
+                        help="let cuDNN time its convolution algorithms (off: its heuristics pick, as ComfyUI runs)")
+
+
 def time_calls(fn, iters: int, warmup: int = 2) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -305,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="video once with both texts (as the samplers call it) or twice (as the official code)")
     parser.add_argument("--cuda-graph", default="on", choices=["on", "off"],
                         help="replay the UNet calls from CUDA graphs, as the stages do (default on)")
-    parser.add_argument("--cudnn-benchmark", default="on", choices=["on", "off"],
-                        help="let cuDNN time its convolution algorithms (off: its heuristics pick, as ComfyUI runs)")
+    add_cudnn_benchmark_option(parser)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--official", type=Path, metavar="PATH",
                         help="a Vchitect/LaVie checkout: time its UNets in the same run, on the same weights and "

@@ -53,43 +53,53 @@ def group_norm(
     """
     b, c, g = x.shape[0], x.shape[1], norm.num_groups
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if acc == torch.float32 and norm.affine and fused.eager_kernels_usable(x):
-        # Three kernels and a sum, the offset folded at no cost: torch's arithmetic from the sums to the scale
-        # and shift is about fifteen launches of a few microseconds, per GroupNorm.
-        rows = x.movedim(1, -1).reshape(b, -1, c).contiguous()
-        sums = fused.channel_sums(rows)
-        scale, shift = fused.group_affine(sums, norm.weight, norm.bias, g, rows.shape[1], norm.eps, offset=offset)
-        return fused.scale_shift(rows, scale, shift, silu=silu).view(x.movedim(1, -1).shape).movedim(-1, 1)
-    if offset is not None and x.numel() < FOLD_OFFSET_MIN_NUMEL:
+    kernels = acc == torch.float32 and fused.kernels_usable(x)
+    compiling = torch.compiler.is_compiling()
+    if kernels and compiling:
+        kernels = x.numel() >= COMPILED_NORM_KERNEL_MIN_NUMEL
+    # Eagerly one kernel turns the sums into the scale and shift, the offset folded at no cost: torch's
+    # arithmetic for it is about fifteen launches of a few microseconds, per GroupNorm.
+    affine_kernel = kernels and not compiling and norm.affine
+    if offset is not None and not affine_kernel and x.numel() < FOLD_OFFSET_MIN_NUMEL:
         x, offset = x + offset.view(b, c, *[1] * (x.ndim - 2)), None
     rows = x.movedim(1, -1).reshape(b, -1, c)  # a view when x is channels-last
-    n = rows.shape[1] * (c // g)
-    kernels = acc == torch.float32 and fused.kernels_usable(x)
-    if kernels and torch.compiler.is_compiling():
-        kernels = x.numel() >= COMPILED_NORM_KERNEL_MIN_NUMEL
     if kernels:
         # Both kernels read rows in memory order. A video that is not channels-last (a concatenation of
         # one-frame videos, whose layout torch cannot tell) is copied here once, not by each kernel.
         rows = rows.contiguous()
-        total, squares = fused.channel_sums(rows).unbind(1)
+        sums = fused.channel_sums(rows)
     else:
-        total = rows.sum(1, dtype=acc)
-        squares = torch.linalg.vector_norm(rows, 2, dim=1, dtype=acc).square()
-    if offset is not None:
-        t, m = offset.to(acc).view(b, c), rows.shape[1]
-        total, squares = total + m * t, squares + t * (2 * total + m * t)
-    mean = total.view(b, g, -1).sum(-1, keepdim=True) / n
-    var = (squares.view(b, g, -1).sum(-1, keepdim=True) / n - mean.square()).clamp(min=0)
-    scale = torch.rsqrt(var + norm.eps) * norm.weight.to(acc).view(1, g, -1)
-    shift = norm.bias.to(acc).view(1, g, -1) - mean * scale
-    if offset is not None:
-        shift = shift + t.view(b, g, -1) * scale
+        sums = torch.stack([rows.sum(1, dtype=acc), torch.linalg.vector_norm(rows, 2, dim=1, dtype=acc).square()], 1)
+    affine = fused.group_affine if affine_kernel else _group_affine
+    scale, shift = affine(sums, norm.weight, norm.bias, g, rows.shape[1], norm.eps, offset=offset)
     if kernels:
-        out = fused.scale_shift(rows, scale.view(b, c), shift.view(b, c), silu=silu)
+        out = fused.scale_shift(rows, scale, shift, silu=silu)
     else:
         out = torch.addcmul(shift.view(b, 1, c).to(x.dtype), rows, scale.view(b, 1, c).to(x.dtype))
         out = F.silu(out) if silu else out
     return out.view(x.movedim(1, -1).shape).movedim(-1, 1)
+
+
+def _group_affine(
+    sums: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, rows: int, eps: float,
+    *, offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused.group_affine` in torch, in the sums' precision: GroupNorm's `b c` scale and shift from the
+    `b 2 c` channel sums (and sums of squares) of `rows` rows per sample; `offset` as there."""
+    b, _, c = sums.shape
+    acc = sums.dtype
+    total, squares = sums.unbind(1)
+    if offset is not None:
+        t = offset.to(acc).view(b, c)
+        total, squares = total + rows * t, squares + t * (2 * total + rows * t)
+    n = rows * (c // groups)
+    mean = total.view(b, groups, -1).sum(-1, keepdim=True) / n
+    var = (squares.view(b, groups, -1).sum(-1, keepdim=True) / n - mean.square()).clamp(min=0)
+    scale = torch.rsqrt(var + eps) * weight.to(acc).view(1, groups, -1)
+    shift = bias.to(acc).view(1, groups, -1) - mean * scale
+    if offset is not None:
+        shift = shift + t.view(b, groups, -1) * scale
+    return scale.view(b, c), shift.view(b, c)
 
 
 class VideoGroupNorm(nn.GroupNorm):
@@ -620,8 +630,22 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
         self.norm3 = LayerNorm(dim)
 
+    def temporal_layers(self) -> tuple[LayerNorm, TemporalAttention]:
+        """The temporal attention's norm and attention (named after the checkpoint's keys: `temporal_attr`)."""
+        return getattr(self, f"norm_{self.temporal_attr}"), getattr(self, f"attn_{self.temporal_attr}")
+
+    def frame_attention(
+        self, h: torch.Tensor, context: torch.Tensor, frames: int, *, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The first attention (`spatial`) of normalised `(b f) l c` tokens; `residual`: see `Attention.output`."""
+        if self.spatial == "full":
+            return self.attn1(h, residual=residual)
+        if self.spatial == "sparse_causal":
+            return sparse_causal_attention(self.attn1, h, frames, residual=residual)
+        return text_attention(self.attn1, h, context, frames, residual=residual)
+
     def temporal(self, x: torch.Tensor, frames: int, image_frames: int = 0) -> torch.Tensor:
-        norm, attn = getattr(self, f"norm_{self.temporal_attr}"), getattr(self, f"attn_{self.temporal_attr}")
+        norm, attn = self.temporal_layers()
         if not image_frames and attn.reads_video_tokens(x, frames):
             # The attention groups tokens by pixel through strides: no layout change around the layer.
             video = x.unflatten(0, (-1, frames))  # (b f) l c -> b f l c, a view
@@ -635,15 +659,15 @@ class TransformerBlock(nn.Module):
 
     def residual_biases(self) -> list[torch.Tensor | None]:
         """The biases of the four residual branches' output projections, in the order they are added."""
-        temporal, ff = getattr(self, f"attn_{self.temporal_attr}").to_out[0].bias, self.ff.net[2].bias
+        temporal, ff = self.temporal_layers()[1].to_out[0].bias, self.ff.net[2].bias
         later = (ff, temporal) if self.temporal_after_ff else (temporal, ff)
         return [self.attn1.to_out[0].bias, self.attn2.to_out[0].bias, *later]
 
     def folds_biases(self, x: torch.Tensor, frames: int, image_frames: int = 0) -> bool:
         """Whether `forward` takes `offsets` here: no gradient, every LayerNorm a kernel that adds an offset
         on the fly, every branch with a bias, and the temporal attention on the tokens in place."""
-        norms = (self.norm1, self.norm2, self.norm3, getattr(self, f"norm_{self.temporal_attr}"))
-        attn = getattr(self, f"attn_{self.temporal_attr}")
+        norm, attn = self.temporal_layers()
+        norms = (self.norm1, self.norm2, self.norm3, norm)
         return (
             not torch.is_grad_enabled() and not image_frames and all(n.fused_for(x) for n in norms)
             and all(b is not None for b in self.residual_biases()) and attn.reads_video_tokens(x, frames)
@@ -665,13 +689,7 @@ class TransformerBlock(nn.Module):
         """
         if offsets is not None:
             return self._forward_stream(x, context, frames, offsets)
-        h = self.norm1(x)
-        if self.spatial == "full":
-            x = x + self.attn1(h)
-        elif self.spatial == "sparse_causal":
-            x = x + sparse_causal_attention(self.attn1, h, frames)
-        else:
-            x = x + text_attention(self.attn1, h, context, frames)
+        x = x + self.frame_attention(self.norm1(x), context, frames)
         x = x + text_attention(self.attn2, self.norm2(x), context, frames)
         if not self.temporal_after_ff:
             x = self.temporal(x, frames, image_frames)
@@ -681,16 +699,10 @@ class TransformerBlock(nn.Module):
         return x
 
     def _forward_stream(self, x: torch.Tensor, context: torch.Tensor, frames: int, offsets: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(x, offset=offsets[0])
-        if self.spatial == "full":
-            self.attn1(h, residual=x)
-        elif self.spatial == "sparse_causal":
-            sparse_causal_attention(self.attn1, h, frames, residual=x)
-        else:
-            text_attention(self.attn1, h, context, frames, residual=x)
+        self.frame_attention(self.norm1(x, offset=offsets[0]), context, frames, residual=x)
         text_attention(self.attn2, self.norm2(x, offset=offsets[1]), context, frames, residual=x)
         video = x.unflatten(0, (-1, frames))  # (b f) l c -> b f l c, a view
-        norm, attn = getattr(self, f"norm_{self.temporal_attr}"), getattr(self, f"attn_{self.temporal_attr}")
+        norm, attn = self.temporal_layers()
         later = ("ff", "temporal") if self.temporal_after_ff else ("temporal", "ff")
         for k, branch in enumerate(later, start=2):
             if branch == "temporal":

@@ -321,14 +321,20 @@ if triton is not None:
         tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _row_block(rows, CHANNELS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # A row-wise kernel's program (i, j): its rows and channels, the channels that exist, and the mask of
+        # the elements that do.
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < CHANNELS
+        return r, cols, col_ok, (r < rows)[:, None] & col_ok[None, :]
+
+    @triton.jit
     def _bias_add_kernel(
         x_ptr, bias_ptr, residual_ptr, rows,
         CHANNELS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < CHANNELS
-        mask = (r < rows)[:, None] & col_ok[None, :]
+        r, cols, col_ok, mask = _row_block(rows, CHANNELS, BLOCK_R, BLOCK_C)
         offsets = r.to(tl.int64)[:, None] * CHANNELS + cols[None, :]
         y = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -381,10 +387,7 @@ if triton is not None:
     ):
         # Output pixel (n, 2i + p, 2j + q) is phase 2p + q's channels of y at (n, i + p, j + q): each output
         # row of channels is one contiguous run of y's, so reads and writes both move whole rows.
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < CHANNELS
-        mask = (r < rows)[:, None] & col_ok[None, :]
+        r, cols, col_ok, mask = _row_block(rows, CHANNELS, BLOCK_R, BLOCK_C)
         image, pixel = r // (4 * height * width), r % (4 * height * width)
         row, col = pixel // (2 * width), pixel % (2 * width)
         p, q = row % 2, col % 2

@@ -270,29 +270,22 @@ def group_affine_max_error(case: str, device: str = "cpu", dtype: torch.dtype = 
     return ((out - expected).abs() / expected.abs().clamp(min=1)).max().item()
 
 
-ALL_CASES = [
-    *CASES, *NORM_CASES, *GEGLU_CASES, *KEY_FRAME_CASES, *BIAS_CASES, *LAYER_NORM_CASES, *CONCAT_CASES, *PHASES_CASES,
-    *GROUP_AFFINE_CASES,
-]
+# Each case's error function, in the order the cases run.
+ERRORS = {
+    case: error
+    for cases, error in (
+        (CASES, max_error), (NORM_CASES, norm_max_error), (GEGLU_CASES, geglu_max_error),
+        (KEY_FRAME_CASES, key_frame_max_error), (BIAS_CASES, bias_max_error), (LAYER_NORM_CASES, layer_norm_max_error),
+        (CONCAT_CASES, concat_max_error), (PHASES_CASES, phases_max_error), (GROUP_AFFINE_CASES, group_affine_max_error),
+    )
+    for case in cases
+}
+ALL_CASES = list(ERRORS)
 
 
 def case_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
     """The error of whichever kernel `case` belongs to."""
-    if case in GEGLU_CASES:
-        return geglu_max_error(case, device, dtype)
-    if case in KEY_FRAME_CASES:
-        return key_frame_max_error(case, device, dtype)
-    if case in BIAS_CASES:
-        return bias_max_error(case, device, dtype)
-    if case in LAYER_NORM_CASES:
-        return layer_norm_max_error(case, device, dtype)
-    if case in CONCAT_CASES:
-        return concat_max_error(case, device, dtype)
-    if case in PHASES_CASES:
-        return phases_max_error(case, device, dtype)
-    if case in GROUP_AFFINE_CASES:
-        return group_affine_max_error(case, device, dtype)
-    return (norm_max_error if case in NORM_CASES else max_error)(case, device, dtype)
+    return ERRORS[case](case, device, dtype)
 
 
 if __name__ == "__main__":
