@@ -206,38 +206,45 @@ if triton is not None:
         l_i = tl.zeros((BLOCK_M,), tl.float32)
         acc0 = tl.zeros((BLOCK_M, D0), tl.float32)
         frame = row % frames
+        # A frame whose keys are all one frame repeated (sparse causal attention's frames 0 and 1) attends to
+        # that frame once: repeating every key scales each exponential and their sum alike.
+        first = tl.load(key_frames_ptr + frame * KEYS)
+        passes = 1
+        for s in tl.static_range(1, KEYS):
+            passes = tl.where(tl.load(key_frames_ptr + frame * KEYS + s) != first, KEYS, passes)
         for s in tl.static_range(KEYS):
-            key_row = row - frame + tl.load(key_frames_ptr + frame * KEYS + s)
-            k_frame = k_ptr + key_row * stride_kn
-            v_frame = v_ptr + key_row * stride_vn
-            for start in range(0, LOOP_END, BLOCK_N):
-                rn = start + tl.arange(0, BLOCK_N)
-                n_ok = rn < KEY_TOKENS
-                k_rows = k_frame + rn[:, None] * stride_kl
-                v_rows = v_frame + rn[:, None] * stride_vl
-                k0 = tl.load(k_rows + c0[None, :], mask=n_ok[:, None] & d0_ok[None, :], other=0.0)
-                scores = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
-                if D1 > 0:
-                    k1 = tl.load(k_rows + c1[None, :], mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
-                    scores = tl.dot(q1, tl.trans(k1), scores, input_precision=PRECISION)
-                scores = tl.where(n_ok[None, :], scores, float("-inf"))
-                # exp2 with the scale folded in: one multiply-add per score.
-                m_new = tl.maximum(m_i, tl.max(scores, 1) * scale_log2)
-                alpha = tl.math.exp2(m_i - m_new)
-                p = tl.math.exp2(scores * scale_log2 - m_new[:, None])
-                if not ROW_SUM:
-                    l_i = l_i * alpha + tl.sum(p, 1)
-                p = p.to(v_ptr.dtype.element_ty)
-                v0 = tl.load(v_rows + c0[None, :], mask=n_ok[:, None] & d0_ok[None, :], other=0.0)
-                acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=PRECISION)
-                if D1 > 0:
-                    v1 = tl.load(v_rows + c1[None, :], mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
-                    if ROW_SUM:
-                        # A column of ones in the padding makes the p v dot also sum each row of p: the
-                        # softmax denominator comes from the tensor cores, not a reduction per block.
-                        v1 = tl.where((d1 == HEAD_DIM)[None, :] & n_ok[:, None], 1.0, v1).to(v_ptr.dtype.element_ty)
-                    acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
-                m_i = m_new
+            if s < passes:
+                key_row = row - frame + tl.load(key_frames_ptr + frame * KEYS + s)
+                k_frame = k_ptr + key_row * stride_kn
+                v_frame = v_ptr + key_row * stride_vn
+                for start in range(0, LOOP_END, BLOCK_N):
+                    rn = start + tl.arange(0, BLOCK_N)
+                    n_ok = rn < KEY_TOKENS
+                    k_rows = k_frame + rn[:, None] * stride_kl
+                    v_rows = v_frame + rn[:, None] * stride_vl
+                    k0 = tl.load(k_rows + c0[None, :], mask=n_ok[:, None] & d0_ok[None, :], other=0.0)
+                    scores = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+                    if D1 > 0:
+                        k1 = tl.load(k_rows + c1[None, :], mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
+                        scores = tl.dot(q1, tl.trans(k1), scores, input_precision=PRECISION)
+                    scores = tl.where(n_ok[None, :], scores, float("-inf"))
+                    # exp2 with the scale folded in: one multiply-add per score.
+                    m_new = tl.maximum(m_i, tl.max(scores, 1) * scale_log2)
+                    alpha = tl.math.exp2(m_i - m_new)
+                    p = tl.math.exp2(scores * scale_log2 - m_new[:, None])
+                    if not ROW_SUM:
+                        l_i = l_i * alpha + tl.sum(p, 1)
+                    p = p.to(v_ptr.dtype.element_ty)
+                    v0 = tl.load(v_rows + c0[None, :], mask=n_ok[:, None] & d0_ok[None, :], other=0.0)
+                    acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=PRECISION)
+                    if D1 > 0:
+                        v1 = tl.load(v_rows + c1[None, :], mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
+                        if ROW_SUM:
+                            # A column of ones in the padding makes the p v dot also sum each row of p: the
+                            # softmax denominator comes from the tensor cores, not a reduction per block.
+                            v1 = tl.where((d1 == HEAD_DIM)[None, :] & n_ok[:, None], 1.0, v1).to(v_ptr.dtype.element_ty)
+                        acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
+                    m_i = m_new
         if ROW_SUM:
             l_i = tl.sum(tl.where((d1 == HEAD_DIM)[None, :], acc1, 0.0), 1)
         inv = 1.0 / l_i
@@ -462,19 +469,29 @@ if triton is not None:
                             K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, True)
 
 
-_SUM_ROWS_PER_PROGRAM = 2048
+def _sum_launch(clips: int, rows: int, channels: int, multiprocessors: int) -> tuple[int, int, int, int]:
+    """(rows per program, BLOCK_R, BLOCK_C, num_warps) of `channel_sums`: enough programs to keep every
+    multiprocessor's loads in flight (a fixed 2048 rows per program left a base-model video's 40960 rows to
+    200 programs on 132 multiprocessors, at a fifth of the bandwidth). Measured on an H200 over the three
+    models' GroupNorm inputs: about four programs per multiprocessor of 64-row steps up to 2^27 elements,
+    eight of 32-row steps with 8 warps above (VSR's largest levels)."""
+    block_c = min(64, triton.next_power_of_2(channels))
+    large = clips * rows * channels >= 1 << 27
+    per_multiprocessor, block_r, warps = (8, 32, 8) if large else (4, 64, 4)
+    wanted = max(1, per_multiprocessor * multiprocessors // (clips * triton.cdiv(channels, block_c)))
+    return max(block_r, triton.next_power_of_2(triton.cdiv(rows, wanted))), block_r, block_c, warps
 
 
 def _launch_channel_sums(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()  # a view of a channels-last video already is
     clips, rows, channels = x.shape
-    splits = triton.cdiv(rows, _SUM_ROWS_PER_PROGRAM)
+    rows_per_program, block_r, block_c, warps = _sum_launch(clips, rows, channels, _multiprocessors(x.device))
+    splits = triton.cdiv(rows, rows_per_program)
     # Per-split partial sums, added up by torch: deterministic, unlike atomics.
     partial = torch.empty((clips, splits, 2, channels), device=x.device, dtype=torch.float32)
-    block_c = min(64, triton.next_power_of_2(channels))
     _channel_sums_kernel[(splits, clips, triton.cdiv(channels, block_c))](
         x, partial, rows, channels,
-        ROWS_PER_PROGRAM=_SUM_ROWS_PER_PROGRAM, BLOCK_R=32, BLOCK_C=block_c, num_warps=4,
+        ROWS_PER_PROGRAM=rows_per_program, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )
     return partial.sum(1)
 

@@ -80,8 +80,8 @@ class LaVieLoader:
         }, "optional": {
             "compile": ("BOOLEAN", {"default": False, "tooltip": (
                 "Run the UNet through torch.compile. On an H200 (with CUDA graphs) it no longer pays: eager calls "
-                "took 39.6-41.1 ms (base), 160.6-161.3 (interpolation) and 545-553 (VSR 8-frame chunk), compiled "
-                "ones 39.8-39.9, 166-167 and 568, and each stage first compiles for 1-3 minutes, again for every "
+                "took 38.3-38.8 ms (base), 157.5-157.7 (interpolation) and 551-553 (VSR 8-frame chunk), compiled "
+                "ones (an earlier version) 39.8-39.9, 166-167 and 568, and each stage first compiles for 1-3 minutes, again for every "
                 "new shape (frames, size, VSR chunk) in a ComfyUI session. Needs Triton on the GPU.")}),
             "cuda_graph": ("BOOLEAN", {"default": True, "tooltip": (
                 "Replay the UNet's calls from CUDA graphs (NVIDIA GPUs): from the second step on, a call is "

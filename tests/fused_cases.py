@@ -123,6 +123,7 @@ KEY_FRAME_CASES = {
     "key-frames-sparse-head-160": (1, 2, 17, 17, 1, 160, "sparse"),
     "key-frames-small-head-8": (1, 3, 9, 9, 3, 8, "sparse"),
     "key-frames-three-keys-head-24": (2, 3, 12, 70, 2, 24, [[0, 1, 2], [2, 2, 0], [1, 0, 1]]),
+    "key-frames-one-frame-repeated": (1, 3, 12, 40, 2, 24, [[1, 1, 1], [0, 2, 0], [2, 2, 2]]),
 }
 
 

@@ -525,3 +525,26 @@ def test_launch_takes_the_first_configuration_that_fits_and_remembers_it(monkeyp
     assert tried[-1] == (16, 2)
     with pytest.raises(fused.triton.runtime.errors.OutOfResources, match="shared memory"):
         fused._launch_fitting("other", configs[:2], launch)
+
+
+# GroupNorm inputs of the three models on an H200 (132 multiprocessors): (clips, rows, channels).
+SUM_SHAPES = [
+    pytest.param(2, 16 * 40 * 64, 320, id="base-top"),
+    pytest.param(2, 16 * 5 * 8, 1280, id="base-bottom"),
+    pytest.param(2, 61 * 40 * 64, 640, id="interpolation-top-skip"),
+    pytest.param(1, 8 * 320 * 512, 256, id="vsr-top"),
+    pytest.param(3, 37, 40, id="tiny"),
+]
+
+
+@pytest.mark.skipif(triton_missing, reason="triton is not installed")
+@pytest.mark.parametrize("clips,rows,channels", SUM_SHAPES)
+def test_channel_sums_spread_rows_over_every_multiprocessor(clips, rows, channels):
+    rows_per_program, block_r, block_c, warps = fused._sum_launch(clips, rows, channels, 132)
+    splits = -(-rows // rows_per_program)
+    programs = splits * clips * -(-channels // block_c)
+    per_multiprocessor = 8 if clips * rows * channels >= 1 << 27 else 4
+    assert rows_per_program % block_r == 0 and splits * rows_per_program >= rows
+    # Programs of whole steps: as many as asked for, or all there can be when rows run out first.
+    assert programs <= per_multiprocessor * 132 or rows_per_program == block_r
+    assert 2 * programs > per_multiprocessor * 132 or splits == 1
