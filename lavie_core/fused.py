@@ -469,14 +469,18 @@ if triton is not None:
                             K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, True)
 
 
+# At or above this many elements `channel_sums` takes more programs of shorter steps (`_sum_launch`).
+_SUM_LARGE_NUMEL = 2**27
+
+
 def _sum_launch(clips: int, rows: int, channels: int, multiprocessors: int) -> tuple[int, int, int, int]:
     """(rows per program, BLOCK_R, BLOCK_C, num_warps) of `channel_sums`: enough programs to keep every
     multiprocessor's loads in flight (a fixed 2048 rows per program left a base-model video's 40960 rows to
     200 programs on 132 multiprocessors, at a fifth of the bandwidth). Measured on an H200 over the three
-    models' GroupNorm inputs: about four programs per multiprocessor of 64-row steps up to 2^27 elements,
-    eight of 32-row steps with 8 warps above (VSR's largest levels)."""
+    models' GroupNorm inputs: about four programs per multiprocessor of 64-row steps below
+    `_SUM_LARGE_NUMEL` elements, eight of 32-row steps with 8 warps from there on (VSR's largest levels)."""
     block_c = min(64, triton.next_power_of_2(channels))
-    large = clips * rows * channels >= 1 << 27
+    large = clips * rows * channels >= _SUM_LARGE_NUMEL
     per_multiprocessor, block_r, warps = (8, 32, 8) if large else (4, 64, 4)
     wanted = max(1, per_multiprocessor * multiprocessors // (clips * triton.cdiv(channels, block_c)))
     return max(block_r, triton.next_power_of_2(triton.cdiv(rows, wanted))), block_r, block_c, warps
@@ -607,8 +611,8 @@ def _launch_fitting(key: tuple, configs: tuple[tuple[int, ...], ...], launch) ->
 
 
 def _multiprocessors(device: torch.device) -> int:
-    """Persistent programs to launch: the GPU's multiprocessors; a few under Triton's interpreter, so each one
-    walks several tiles there too."""
+    """The GPU's multiprocessors, which launches size their programs by (GEGLU's persistent programs, the
+    channel sums' splits); 2 under Triton's interpreter, so persistent programs walk several tiles there too."""
     if device.type != "cuda":
         return 2
     return torch.cuda.get_device_properties(device).multi_processor_count

@@ -543,7 +543,7 @@ def test_channel_sums_spread_rows_over_every_multiprocessor(clips, rows, channel
     rows_per_program, block_r, block_c, warps = fused._sum_launch(clips, rows, channels, 132)
     splits = -(-rows // rows_per_program)
     programs = splits * clips * -(-channels // block_c)
-    per_multiprocessor = 8 if clips * rows * channels >= 1 << 27 else 4
+    per_multiprocessor = 8 if clips * rows * channels >= fused._SUM_LARGE_NUMEL else 4
     assert rows_per_program % block_r == 0 and splits * rows_per_program >= rows
     # Programs of whole steps: as many as asked for, or all there can be when rows run out first.
     assert programs <= per_multiprocessor * 132 or rows_per_program == block_r
