@@ -1,5 +1,5 @@
 """Fused kernels against plain torch, case by case (temporal and key-frame attention, GroupNorm passes, GEGLU,
-bias add, LayerNorm, channel concatenation); prints one JSON line per case.
+bias add, LayerNorm, channel concatenation, upsampling phases and weights); prints one JSON line per case.
 
 Run as a script (tests/test_fused.py does, with TRITON_INTERPRET=1 on the CPU) or imported on CUDA.
 """
@@ -271,6 +271,26 @@ def group_affine_max_error(case: str, device: str = "cpu", dtype: torch.dtype = 
     return ((out - expected).abs() / expected.abs().clamp(min=1)).max().item()
 
 
+# An upsampling convolution's 3x3 kernel folded into its four phases' 2x2 kernels. id: (out, in channels,
+# channels-last): 300 input channels leave a partial block; the plain layout reads the taps through other strides.
+UPSAMPLE_WEIGHT_CASES = {
+    "fold-partial-block": (7, 300, True),
+    "fold-plain-layout": (5, 3, False),
+}
+
+
+def upsample_weight_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Against torch's fold in float64, relative to the magnitude (at least 1)."""
+    outs, ins, channels_last = UPSAMPLE_WEIGHT_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(outs, ins, 3, 3, generator=g).to(device, dtype)
+    weight = weight.contiguous(memory_format=torch.channels_last) if channels_last else weight
+    expected = blocks.upsample_conv_weight(weight.double().cpu())  # on the CPU: torch's matmul, not the kernel
+    out = fused.upsample_weight(weight)
+    assert out.shape == (4 * outs, ins, 2, 2) and out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    return ((out.double().cpu() - expected).abs() / expected.abs().clamp(min=1)).max().item()
+
+
 # Each case's error function, in the order the cases run.
 ERRORS = {
     case: error
@@ -278,6 +298,7 @@ ERRORS = {
         (CASES, max_error), (NORM_CASES, norm_max_error), (GEGLU_CASES, geglu_max_error),
         (KEY_FRAME_CASES, key_frame_max_error), (BIAS_CASES, bias_max_error), (LAYER_NORM_CASES, layer_norm_max_error),
         (CONCAT_CASES, concat_max_error), (PHASES_CASES, phases_max_error), (GROUP_AFFINE_CASES, group_affine_max_error),
+        (UPSAMPLE_WEIGHT_CASES, upsample_weight_max_error),
     )
     for case in cases
 }

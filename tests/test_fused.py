@@ -15,7 +15,9 @@ import pytest
 import torch
 from einops import rearrange
 
-from fused_cases import ALL_CASES, BIAS_CASES, GEGLU_CASES, GROUP_AFFINE_CASES, LAYER_NORM_CASES, NORM_CASES, case_error
+from fused_cases import (
+    ALL_CASES, BIAS_CASES, GEGLU_CASES, GROUP_AFFINE_CASES, LAYER_NORM_CASES, NORM_CASES, UPSAMPLE_WEIGHT_CASES, case_error,
+)
 from lavie_core import LaVieUNet, UNetConfig, blocks, fused
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,9 +59,11 @@ def test_cuda_kernels_match_torch(case):
         assert case_error(case, "cuda", torch.bfloat16) < 8e-3
         return
     assert case_error(case, "cuda") < 1e-5
-    # The norms' and the bias add's errors are relative to the magnitude; attention's is absolute on outputs
-    # of order 1.
-    relative = any(case in cases for cases in (NORM_CASES, BIAS_CASES, LAYER_NORM_CASES, GROUP_AFFINE_CASES))
+    # The norms', the bias add's and the weight fold's errors are relative to the magnitude; attention's is
+    # absolute on outputs of order 1.
+    relative = any(
+        case in cases for cases in (NORM_CASES, BIAS_CASES, LAYER_NORM_CASES, GROUP_AFFINE_CASES, UPSAMPLE_WEIGHT_CASES)
+    )
     assert case_error(case, "cuda", torch.float16) < (1e-3 if relative else 2e-2)
 
 
@@ -148,6 +152,10 @@ def test_cuda_sdpa_on_video_tokens_equals_pixel_grouped(monkeypatch, dtype, max_
         pytest.param(
             lambda: fused.group_affine(torch.zeros(2, 2, 30), torch.zeros(30), torch.zeros(30), 4, 5, 1e-5),
             r"`b 2 c` sums with c a multiple of 4 groups, got \(2, 2, 30\)", id="group-affine-groups",
+        ),
+        pytest.param(
+            lambda: fused.upsample_weight(torch.zeros(4, 3, 2, 2)),
+            r"takes a 3x3 kernel `o i 3 3`, got \(4, 3, 2, 2\)", id="upsample-weight-kernel-size",
         ),
         pytest.param(
             lambda: fused.group_affine(torch.zeros(2, 2, 32), torch.zeros(32), torch.zeros(30), 4, 5, 1e-5),
@@ -417,11 +425,18 @@ def test_upsample_conv_interleaves_phases_with_the_kernel_eagerly(monkeypatch, g
     monkeypatch.setattr(fused, "kernels_usable", lambda t: not (torch.is_grad_enabled() and t.requires_grad))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     monkeypatch.setattr(fused, "upsample_phases", lambda y, bias: calls.append(tuple(y.shape)) or torch.zeros(2, 6, 6, 10))
+
+    def fold(weight):
+        calls.append("fold")
+        return torch.zeros(24, 4, 2, 2).contiguous(memory_format=torch.channels_last)
+
+    monkeypatch.setattr(fused, "upsample_weight", fold)
     conv = torch.nn.Conv2d(4, 6, 3, padding=1).requires_grad_(grad)
     x = torch.randn(2, 4, 3, 5).contiguous(memory_format=layout)
     with torch.set_grad_enabled(grad):
         blocks.upsample_conv(x, conv)
-    assert calls == ([(2, 24, 4, 6)] if expected else [])
+    # The weights fold in a kernel wherever no gradient needs them, whatever the video's layout.
+    assert calls == (["fold"] * (not grad and not compiling) + [(2, 24, 4, 6)] * expected)
 
 
 @pytest.mark.parametrize("compiling,expected", [(False, ["sums", "affine", "scale_shift"]), (True, ["sums", "scale_shift"])],
@@ -463,11 +478,17 @@ def test_cuda_layer_norm_equals_torch():
     torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=4e-3)
 
 
-def _compile_geglu(config: tuple[int, ...], k: int, capability: int):
-    """The GEGLU kernel compiled (not run) for an NVIDIA GPU of `capability`, as Triton would for a launch."""
+def _compile(kernel, signature: dict[str, str], constants: dict, capability: int, warps: int, stages: int = 3):
+    """`kernel` compiled (not run) for an NVIDIA GPU of `capability`, as Triton would for a launch."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")}, constexprs=constants)
+    target = GPUTarget("cuda", capability, 32)
+    return fused.triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
+
+
+def _compile_geglu(config: tuple[int, ...], k: int, capability: int):
     block_m, block_n, block_k, group_m, warps, stages = config
     signature = {
         "x_desc": f"tensordesc<fp16[{block_m}, {block_k}]>", "w_desc": f"tensordesc<fp16[{block_n}, {block_k}]>",
@@ -476,10 +497,33 @@ def _compile_geglu(config: tuple[int, ...], k: int, capability: int):
     }
     constants = {"K": k, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m,
                  "INTERPRETER_ROUNDS": 0}
-    source = ASTSource(fn=fused._geglu_kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
-                       constexprs=constants)
-    target = GPUTarget("cuda", capability, 32)
-    return fused.triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
+    return _compile(fused._geglu_kernel, signature, constants, capability, warps, stages)
+
+
+def _compile_key_frame(head_dim: int, key_tokens: int, capability: int):
+    """The key-frame kernel as `_launch_key_frame_attention` configures it for sparse causal attention."""
+    d0, d1 = fused._split_head_dim(head_dim)
+    block_m, block_n, warps, stages = fused._key_frame_config(head_dim)
+    signature = {**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*fp16"), "key_frames_ptr": "*i64",
+                 "frames": "i32", "tokens": "i32"}
+    signature.update(dict.fromkeys([f"stride_{t}{d}" for t in "qkvo" for d in "nl"], "i64"))
+    signature["scale_log2"] = "fp32"
+    constants = dict(KEY_TOKENS=key_tokens, LOOP_END=max(key_tokens, 2 * block_n), KEYS=2, HEADS=8, HEAD_DIM=head_dim,
+                     D0=d0, D1=d1, ROW_SUM=d0 + d1 > head_dim > d0, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION="tf32")
+    return _compile(fused._key_frame_attention_kernel, signature, constants, capability, warps, stages)
+
+
+def _compile_temporal(frames: int, head_dim: int, capability: int):
+    """The temporal attention kernel as `fused._launch` configures it (no rotary, no bias)."""
+    frames_pad = max(16, fused.triton.next_power_of_2(frames))
+    head_dim_pad = max(16, fused.triton.next_power_of_2(head_dim))
+    signature = {**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*fp16"),
+                 **dict.fromkeys(("cos_ptr", "sin_ptr", "bias_ptr"), "*fp32"), "tokens": "i32"}
+    signature.update(dict.fromkeys([f"stride_{t}{d}" for t in "qkvo" for d in "bfl"], "i64"))
+    signature["scale"] = "fp32"
+    constants = dict(FRAMES=frames, FRAMES_PAD=frames_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, ROTARY_DIM=0,
+                     HAS_BIAS=False, PRECISION="tf32")
+    return _compile(fused._temporal_attention_kernel, signature, constants, capability, fused._temporal_warps(frames_pad, head_dim_pad))
 
 
 # (compute capability, shared memory a block may use): the GPUs users run, compiled for on any machine (Triton
@@ -503,6 +547,19 @@ def test_geglu_kernel_compiles_within_each_gpus_shared_memory(capability, shared
         assert fitting, f"no GEGLU configuration fits sm{capability}'s {shared} bytes at K={k}"
         if capability == 90:
             assert fitting[0] == fused._GEGLU_CONFIGS[0]
+
+
+@pytest.mark.skipif(triton_missing, reason="triton is not installed")
+@pytest.mark.parametrize("capability,shared", GPU_TARGETS)
+def test_attention_kernels_compile_within_each_gpus_shared_memory(capability, shared):
+    # These launch one configuration each, with no smaller one to fall back to: every GPU must take it. The
+    # interpolation model's sparse causal attention at its three widths (heads of 40, 80 and 160 channels, 2560,
+    # 640 and 160 tokens a frame), and its temporal attention's largest tiles (61 frames, heads of 160).
+    for head_dim, tokens in ((40, 2560), (80, 640), (160, 160)):
+        used = _compile_key_frame(head_dim, tokens, capability).metadata.shared
+        assert used <= shared, f"key-frame attention, heads of {head_dim}: {used} bytes of shared memory on sm{capability}"
+    used = _compile_temporal(61, 160, capability).metadata.shared
+    assert used <= shared, f"temporal attention, 61 frames, heads of 160: {used} bytes of shared memory on sm{capability}"
 
 
 @pytest.mark.skipif(triton_missing, reason="triton is not installed")
