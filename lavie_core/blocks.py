@@ -250,8 +250,8 @@ def _phase_fold(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 def upsample_conv_weight(weight: torch.Tensor) -> torch.Tensor:
     """A 3x3 kernel `o i 3 3` as the 2x2 kernels `(p q o) i 2 2` of the four output phases (row p, column q),
     channels-last. One matmul does the sums, so each folded tap is rounded once (from float32 sums on GPUs);
-    on NVIDIA GPUs outside `torch.compile`, one kernel (`fused.upsample_weight`)."""
-    if fused.eager_kernels_usable(weight):
+    on NVIDIA GPUs outside `torch.compile`, one kernel (`fused.upsample_weight`, whose sums are float32)."""
+    if weight.dtype != torch.float64 and fused.eager_kernels_usable(weight):
         return fused.upsample_weight(weight)
     # o i y x -> o (y x) i, a view of channels-last weights. Not through einops: its first sight of a
     # Parameter type inside a compiled call changes a global that torch.compile guards on (one recompile).

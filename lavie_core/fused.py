@@ -23,11 +23,11 @@ gate half of the weight, that stores only `value * gelu(gate)`: the 2x-wide prod
 Its tiles move through tensor descriptors (TMA on Hopper, plain loads elsewhere); a launch whose kernel
 does not fit the GPU's shared memory falls back to smaller tiles (`_launch_fitting`).
 
-Outside `torch.compile`, which fuses such passes itself, four bandwidth-bound kernels replace torch's
-slower ones on half-precision videos: a convolution's bias (and the residual after it) added in place,
-LayerNorm (optionally of `x + offset`), the channel concatenation of a skip connection, and the
-interleaving of an upsampling convolution's four output phases (`eager_kernels_usable` says where); a fifth
-folds that convolution's 3x3 weights into the phases' 2x2 ones.
+Outside `torch.compile`, which fuses such passes itself, bandwidth-bound kernels replace torch's slower
+ones: a convolution's bias (and the residual after it) added in place, LayerNorm (optionally of
+`x + offset`), the channel concatenation of a skip connection, and, for an upsampling convolution, the
+folding of its 3x3 weights into four output phases' 2x2 ones and the interleaving of those phases
+(`eager_kernels_usable` says where).
 
 The kernels that compiled calls use are torch custom ops, so `torch.compile` keeps each as one kernel; the
 eager-only ones are launched directly. None has a backward: training and CPU inference take the torch
