@@ -660,11 +660,14 @@ class TransformerBlock(nn.Module):
         x = torch.cat([x[:, :video] + attn(norm(x[:, :video])), x[:, video:]], dim=1) if image_frames else x + attn(norm(x))
         return rearrange(x, "(b l) f c -> (b f) l c", l=tokens)
 
+    def later_branches(self) -> tuple[str, str]:
+        """The order of the two residual branches after the text attention: "temporal" and "ff"."""
+        return ("ff", "temporal") if self.temporal_after_ff else ("temporal", "ff")
+
     def residual_biases(self) -> list[torch.Tensor | None]:
         """The biases of the four residual branches' output projections, in the order they are added."""
-        temporal, ff = self.temporal_layers()[1].to_out[0].bias, self.ff.net[2].bias
-        later = (ff, temporal) if self.temporal_after_ff else (temporal, ff)
-        return [self.attn1.to_out[0].bias, self.attn2.to_out[0].bias, *later]
+        later = {"temporal": self.temporal_layers()[1].to_out[0].bias, "ff": self.ff.net[2].bias}
+        return [self.attn1.to_out[0].bias, self.attn2.to_out[0].bias, *(later[b] for b in self.later_branches())]
 
     def folds_biases(self, x: torch.Tensor, frames: int, image_frames: int = 0) -> bool:
         """Whether `forward` takes `offsets` here: no gradient, every LayerNorm a kernel that adds an offset
@@ -694,11 +697,8 @@ class TransformerBlock(nn.Module):
             return self._forward_stream(x, context, frames, offsets)
         x = x + self.frame_attention(self.norm1(x), context, frames)
         x = x + text_attention(self.attn2, self.norm2(x), context, frames)
-        if not self.temporal_after_ff:
-            x = self.temporal(x, frames, image_frames)
-        x = x + self.ff(self.norm3(x))
-        if self.temporal_after_ff:
-            x = self.temporal(x, frames, image_frames)
+        for branch in self.later_branches():
+            x = self.temporal(x, frames, image_frames) if branch == "temporal" else x + self.ff(self.norm3(x))
         return x
 
     def _forward_stream(self, x: torch.Tensor, context: torch.Tensor, frames: int, offsets: torch.Tensor) -> torch.Tensor:
@@ -706,8 +706,7 @@ class TransformerBlock(nn.Module):
         text_attention(self.attn2, self.norm2(x, offset=offsets[1]), context, frames, residual=x)
         video = x.unflatten(0, (-1, frames))  # (b f) l c -> b f l c, a view
         norm, attn = self.temporal_layers()
-        later = ("ff", "temporal") if self.temporal_after_ff else ("temporal", "ff")
-        for k, branch in enumerate(later, start=2):
+        for k, branch in enumerate(self.later_branches(), start=2):
             if branch == "temporal":
                 attn(norm(video, offset=offsets[k]), residual=video)
             else:

@@ -700,25 +700,33 @@ def _key_frame_config(head_dim: int) -> tuple[int, int, int, int]:
     return (128, 64, 4, 3) if head_dim <= 128 else (64, 32, 4, 3)
 
 
-def _launch_key_frame_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, frames: int, key_frames: torch.Tensor
-) -> torch.Tensor:
-    rows, tokens, channels = q.shape
-    key_tokens = k.shape[1]
-    head_dim = channels // heads
-    q, k, v = (_unit_stride(t) for t in (q, k, v))
+def _key_frame_launch(
+    tokens: int, key_tokens: int, keys: int, heads: int, head_dim: int, dtype: torch.dtype
+) -> tuple[dict, dict]:
+    """The key-frame kernel's compile-time constants and its launch options (warps, stages) for one call."""
     d0, d1 = _split_head_dim(head_dim)
     block_m, block_n, warps, stages = _key_frame_config(head_dim)
     block_m = min(block_m, max(16, triton.next_power_of_2(tokens)))
     block_n = min(block_n, max(16, triton.next_power_of_2(key_tokens)))
+    constants = dict(
+        KEY_TOKENS=key_tokens, LOOP_END=max(key_tokens, 2 * block_n), KEYS=keys, HEADS=heads, HEAD_DIM=head_dim,
+        D0=d0, D1=d1, ROW_SUM=d0 + d1 > head_dim > d0, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_dot_precision(dtype),
+    )
+    return constants, dict(num_warps=warps, num_stages=stages)
+
+
+def _launch_key_frame_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, frames: int, key_frames: torch.Tensor
+) -> torch.Tensor:
+    rows, tokens, channels = q.shape
+    head_dim = channels // heads
+    q, k, v = (_unit_stride(t) for t in (q, k, v))
+    constants, options = _key_frame_launch(tokens, k.shape[1], key_frames.shape[1], heads, head_dim, v.dtype)
     out = torch.empty(q.shape, device=q.device, dtype=v.dtype)
-    _key_frame_attention_kernel[(triton.cdiv(tokens, block_m), rows * heads)](
+    _key_frame_attention_kernel[(triton.cdiv(tokens, constants["BLOCK_M"]), rows * heads)](
         q, k, v, out, key_frames.to(device=q.device, dtype=torch.int64).contiguous(), frames, tokens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        head_dim**-0.5 * 1.4426950408889634,
-        KEY_TOKENS=key_tokens, LOOP_END=max(key_tokens, 2 * block_n), KEYS=key_frames.shape[1], HEADS=heads, HEAD_DIM=head_dim, D0=d0, D1=d1,
-        ROW_SUM=d0 + d1 > head_dim > d0, BLOCK_M=block_m, BLOCK_N=block_n,
-        PRECISION=_dot_precision(v.dtype), num_warps=warps, num_stages=stages,
+        head_dim**-0.5 * 1.4426950408889634, **constants, **options,
     )
     return out
 
@@ -731,21 +739,28 @@ def _launch(
     head_dim = channels // heads
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     out = torch.empty(q.shape, device=q.device, dtype=v.dtype)
-    # Tensor-core dots need at least 16 rows, columns and depth: padding is masked, never read or written.
-    frames_pad = max(16, triton.next_power_of_2(frames))
-    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
     rotary_dim = 0 if cos is None else cos.shape[1]
+    constants, options = _temporal_launch(frames, head_dim, rotary_dim, bias is not None, v.dtype)
     dummy = q.new_empty(0, dtype=torch.float32)
     _temporal_attention_kernel[(clips * tokens, heads)](
         q, k, v, out,
         dummy if cos is None else cos, dummy if sin is None else sin, dummy if bias is None else bias,
         tokens, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        head_dim**-0.5,
-        FRAMES=frames, FRAMES_PAD=frames_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad,
-        ROTARY_DIM=rotary_dim, HAS_BIAS=bias is not None, PRECISION=_dot_precision(v.dtype),
-        num_warps=_temporal_warps(frames_pad, head_dim_pad),
+        head_dim**-0.5, **constants, **options,
     )
     return out
+
+
+def _temporal_launch(frames: int, head_dim: int, rotary_dim: int, has_bias: bool, dtype: torch.dtype) -> tuple[dict, dict]:
+    """The temporal attention kernel's compile-time constants and its launch options (warps) for one call."""
+    # Tensor-core dots need at least 16 rows, columns and depth: padding is masked, never read or written.
+    frames_pad = max(16, triton.next_power_of_2(frames))
+    head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    constants = dict(
+        FRAMES=frames, FRAMES_PAD=frames_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, ROTARY_DIM=rotary_dim,
+        HAS_BIAS=has_bias, PRECISION=_dot_precision(dtype),
+    )
+    return constants, dict(num_warps=_temporal_warps(frames_pad, head_dim_pad))
 
 
 def _temporal_warps(frames_pad: int, head_dim_pad: int) -> int:

@@ -478,14 +478,14 @@ def test_cuda_layer_norm_equals_torch():
     torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=4e-3)
 
 
-def _compile(kernel, signature: dict[str, str], constants: dict, capability: int, warps: int, stages: int = 3):
-    """`kernel` compiled (not run) for an NVIDIA GPU of `capability`, as Triton would for a launch."""
+def _compile(kernel, signature: dict[str, str], constants: dict, options: dict, capability: int):
+    """`kernel` compiled (not run) for an NVIDIA GPU of `capability`, as Triton would for a launch with these
+    compile-time constants and options (num_warps, num_stages)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     source = ASTSource(fn=kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")}, constexprs=constants)
-    target = GPUTarget("cuda", capability, 32)
-    return fused.triton.compile(source, target=target, options={"num_warps": warps, "num_stages": stages})
+    return fused.triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
 def _compile_geglu(config: tuple[int, ...], k: int, capability: int):
@@ -497,33 +497,28 @@ def _compile_geglu(config: tuple[int, ...], k: int, capability: int):
     }
     constants = {"K": k, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m,
                  "INTERPRETER_ROUNDS": 0}
-    return _compile(fused._geglu_kernel, signature, constants, capability, warps, stages)
+    return _compile(fused._geglu_kernel, signature, constants, {"num_warps": warps, "num_stages": stages}, capability)
 
 
-def _compile_key_frame(head_dim: int, key_tokens: int, capability: int):
-    """The key-frame kernel as `_launch_key_frame_attention` configures it for sparse causal attention."""
-    d0, d1 = fused._split_head_dim(head_dim)
-    block_m, block_n, warps, stages = fused._key_frame_config(head_dim)
+def _compile_key_frame(head_dim: int, tokens: int, capability: int):
+    """The key-frame kernel as its launcher configures it for fp16 sparse causal attention (two key frames of
+    `tokens` tokens, 8 heads)."""
     signature = {**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*fp16"), "key_frames_ptr": "*i64",
                  "frames": "i32", "tokens": "i32"}
     signature.update(dict.fromkeys([f"stride_{t}{d}" for t in "qkvo" for d in "nl"], "i64"))
     signature["scale_log2"] = "fp32"
-    constants = dict(KEY_TOKENS=key_tokens, LOOP_END=max(key_tokens, 2 * block_n), KEYS=2, HEADS=8, HEAD_DIM=head_dim,
-                     D0=d0, D1=d1, ROW_SUM=d0 + d1 > head_dim > d0, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION="tf32")
-    return _compile(fused._key_frame_attention_kernel, signature, constants, capability, warps, stages)
+    launch = fused._key_frame_launch(tokens, tokens, 2, 8, head_dim, torch.float16)
+    return _compile(fused._key_frame_attention_kernel, signature, *launch, capability)
 
 
 def _compile_temporal(frames: int, head_dim: int, capability: int):
-    """The temporal attention kernel as `fused._launch` configures it (no rotary, no bias)."""
-    frames_pad = max(16, fused.triton.next_power_of_2(frames))
-    head_dim_pad = max(16, fused.triton.next_power_of_2(head_dim))
+    """The temporal attention kernel as its launcher configures it for fp16 (no rotary, no bias)."""
     signature = {**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*fp16"),
                  **dict.fromkeys(("cos_ptr", "sin_ptr", "bias_ptr"), "*fp32"), "tokens": "i32"}
     signature.update(dict.fromkeys([f"stride_{t}{d}" for t in "qkvo" for d in "bfl"], "i64"))
     signature["scale"] = "fp32"
-    constants = dict(FRAMES=frames, FRAMES_PAD=frames_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, ROTARY_DIM=0,
-                     HAS_BIAS=False, PRECISION="tf32")
-    return _compile(fused._temporal_attention_kernel, signature, constants, capability, fused._temporal_warps(frames_pad, head_dim_pad))
+    launch = fused._temporal_launch(frames, head_dim, 0, False, torch.float16)
+    return _compile(fused._temporal_attention_kernel, signature, *launch, capability)
 
 
 # (compute capability, shared memory a block may use): the GPUs users run, compiled for on any machine (Triton
