@@ -7,6 +7,7 @@ state-dict names, so released checkpoints load without any key mapping.
 from __future__ import annotations
 
 import math
+from typing import Callable, Hashable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,8 @@ from torch import nn
 from torch.utils import flop_counter
 
 from . import fused
+
+T = TypeVar("T")
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
@@ -401,14 +404,37 @@ def sparse_causal_attention(
     # Checked on the projections, which need a gradient whenever any of their weights is trained.
     if x.dtype != torch.float32 and all(fused.kernels_usable(t) for t in (q, k, v)):
         # Keys read in place, heads split 32 + 16 rather than padded to 64: one layer of the interpolation
-        # model on an H200 (bench/attention.py, fp16) took 8.3 / 1.16 / 0.57 ms at its three levels, against
-        # 10.0 / 2.34 / 1.20 with SDPA on gathered keys.
+        # model on an H200 (bench/attention.py, fp16) took 7.7 / 1.1 / 0.53 ms at its three levels, against
+        # 10.0 / 2.4 / 1.21 with SDPA on gathered keys.
         key_frames = torch.stack([torch.zeros_like(previous), previous], dim=1)
         return attn.output(fused.key_frame_attention(q, k, v, attn.heads, frames, key_frames), residual)
     k, v = (rearrange(t, "(b f) l c -> b f l c", f=frames) for t in (k, v))
     k = rearrange(torch.cat([k[:, :1].expand_as(k), k[:, previous]], dim=2), "b f l c -> (b f) l c")
     v = rearrange(torch.cat([v[:, :1].expand_as(v), v[:, previous]], dim=2), "b f l c -> (b f) l c")
     return attn.attend(q, k, v, residual=residual)
+
+
+_POSITION_CACHE_SIZE = 8
+
+
+def position_cache(module: nn.Module, key: Callable[[], Hashable], compute: Callable[[], T]) -> T:
+    """`compute()`, kept on `module` per `key()` (frame count, device, and the version of any buffer it reads).
+
+    Temporal layers' position tables depend on the frame count only, yet took about 20 tiny kernels per
+    layer and call, each costing a CUDA graph replay about as much as a launch (base call: 16 layers).
+    Computed anew where a gradient may be recorded (a cached tensor made under inference mode cannot be saved
+    for backward) and under torch.compile, which folds them into its own kernels; `key` runs only when the
+    cache is used (it reads tensor metadata, which Dynamo would guard on and recompile for).
+    """
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return compute()
+    cache = module.__dict__.setdefault("_position_cache", {})
+    key = key()
+    if key not in cache:
+        if len(cache) >= _POSITION_CACHE_SIZE:
+            cache.pop(next(iter(cache)))
+        cache[key] = compute()
+    return cache[key]
 
 
 class RotaryEmbedding(nn.Module):
@@ -420,6 +446,15 @@ class RotaryEmbedding(nn.Module):
 
     def table(self, frames: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """float32 `(cos, sin)`, each `f dim`: the angle of frame p on channels 2i and 2i+1 is p * freqs[i]."""
+        return position_cache(self, lambda: self._table_key(frames, device), lambda: self._table(frames, device))
+
+    def _table_key(self, frames: int, device: torch.device) -> tuple:
+        freqs = self.freqs
+        # Inference tensors (weights loaded under inference mode, as ComfyUI loads them) keep no version.
+        version = None if freqs.is_inference() else freqs._version
+        return frames, torch.device(device), freqs.data_ptr(), freqs.dtype, version
+
+    def _table(self, frames: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(frames, device=device, dtype=torch.float32)
         angles = torch.repeat_interleave(positions[:, None] * self.freqs.float()[None], 2, dim=-1)
         return angles.cos(), angles.sin()
@@ -444,6 +479,10 @@ class RelativePositionBias(nn.Module):
         self.relative_attention_bias = nn.Embedding(num_buckets, heads)
 
     def buckets(self, frames: int, device: torch.device) -> torch.Tensor:
+        """Bucket index of every (query frame, key frame) pair, `f f`."""
+        return position_cache(self, lambda: (frames, torch.device(device)), lambda: self._buckets(frames, device))
+
+    def _buckets(self, frames: int, device: torch.device) -> torch.Tensor:
         pos = torch.arange(frames, dtype=torch.long, device=device)
         n = pos[:, None] - pos[None, :]  # query minus key: keys in the past are positive
         half = self.num_buckets // 2

@@ -16,7 +16,8 @@ sample, instead of torch's dozen or so tiny launches).
 Key-frame attention is flash attention where each frame's tokens attend to the tokens of a few chosen
 frames of their clip (the interpolation model's sparse causal attention: frames 0 and i-1), read in place,
 so the concatenated keys and values never exist. Heads that are not a power of two are split in two
-power-of-two parts (40 = 32 + 16) rather than padded (cuDNN pads 40 to 64).
+power-of-two parts (40 = 32 + 16) rather than padded (cuDNN pads 40 to 64). Where its blocks tile every
+frame's keys exactly, keys and values come through tensor descriptors (TMA on Hopper).
 
 The feed-forward's GEGLU projection is one persistent matmul kernel with two accumulators, the value and the
 gate half of the weight, that stores only `value * gelu(gate)`: the 2x-wide product never reaches memory.
@@ -174,13 +175,22 @@ if triton is not None:
 
 
     @triton.jit
+    def _key_tile(desc, rows, channels, ok, first_row, first_channel, TMA: tl.constexpr):
+        # BLOCK_N rows of one head's channels (or of a part of them): a tensor descriptor's tile, or masked loads.
+        if TMA:
+            tile = desc.load([first_row, first_channel])
+        else:
+            tile = tl.load(rows + channels[None, :], mask=ok, other=0.0)
+        return tile
+
+    @triton.jit
     def _key_frame_attention_kernel(
-        q_ptr, k_ptr, v_ptr, out_ptr, key_frames_ptr, frames, tokens,
+        q_ptr, k_ptr, v_ptr, k0_desc, k1_desc, v0_desc, v1_desc, out_ptr, key_frames_ptr, frames, tokens,
         stride_qn, stride_ql, stride_kn, stride_kl, stride_vn, stride_vl, stride_on, stride_ol,
         scale_log2,
         KEY_TOKENS: tl.constexpr, LOOP_END: tl.constexpr, KEYS: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
         D0: tl.constexpr, D1: tl.constexpr, ROW_SUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr,
+        TMA: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # One program: BLOCK_M query tokens of one frame and head, online softmax over the key frames' tokens.
         # The head's channels are a D0 part and a masked D1 part (D1 = 0: none), so q k^T and p v are two dots
@@ -188,6 +198,10 @@ if triton is not None:
         # needs one; a model has a few token counts) and spans at least two blocks: with a split head, Triton
         # 3.5-3.6 compiled a one-block loop into a kernel that read out of bounds on an H200. A block past
         # the keys is all masked and changes nothing.
+        # With TMA, keys and values come through tensor descriptors over the `(n m) c` rows (TMA on Hopper),
+        # only where the blocks tile each frame's tokens exactly (`_key_frame_launch`): nothing is masked. A
+        # D1 tile past the head reads the next head's channels (or zeros past the last), which meet q's zero
+        # padding in q k^T and only fill unused columns of p v.
         block, row_head = tl.program_id(0), tl.program_id(1)
         row = (row_head // HEADS).to(tl.int64)
         head = row_head % HEADS
@@ -219,32 +233,36 @@ if triton is not None:
                 key_row = row - frame + tl.load(key_frames_ptr + frame * KEYS + s)
                 k_frame = k_ptr + key_row * stride_kn
                 v_frame = v_ptr + key_row * stride_vn
+                token_row = (key_row * KEY_TOKENS).to(tl.int32)
                 for start in range(0, LOOP_END, BLOCK_N):
                     rn = start + tl.arange(0, BLOCK_N)
                     n_ok = rn < KEY_TOKENS
                     k_rows = k_frame + rn[:, None] * stride_kl
                     v_rows = v_frame + rn[:, None] * stride_vl
-                    k0 = tl.load(k_rows + c0[None, :], mask=n_ok[:, None] & d0_ok[None, :], other=0.0)
+                    k0 = _key_tile(k0_desc, k_rows, c0, n_ok[:, None] & d0_ok[None, :], token_row + start, head * HEAD_DIM, TMA)
                     scores = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
                     if D1 > 0:
-                        k1 = tl.load(k_rows + c1[None, :], mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
+                        k1 = _key_tile(k1_desc, k_rows, c1, n_ok[:, None] & d1_ok[None, :], token_row + start,
+                                       head * HEAD_DIM + D0, TMA)
                         scores = tl.dot(q1, tl.trans(k1), scores, input_precision=PRECISION)
-                    scores = tl.where(n_ok[None, :], scores, float("-inf"))
+                    if not TMA:
+                        scores = tl.where(n_ok[None, :], scores, float("-inf"))
                     # exp2 with the scale folded in: one multiply-add per score.
                     m_new = tl.maximum(m_i, tl.max(scores, 1) * scale_log2)
                     alpha = tl.math.exp2(m_i - m_new)
                     p = tl.math.exp2(scores * scale_log2 - m_new[:, None])
                     if not ROW_SUM:
                         l_i = l_i * alpha + tl.sum(p, 1)
-                    p = p.to(v_ptr.dtype.element_ty)
-                    v0 = tl.load(v_rows + c0[None, :], mask=n_ok[:, None] & d0_ok[None, :], other=0.0)
+                    p = p.to(out_ptr.dtype.element_ty)
+                    v0 = _key_tile(v0_desc, v_rows, c0, n_ok[:, None] & d0_ok[None, :], token_row + start, head * HEAD_DIM, TMA)
                     acc0 = tl.dot(p, v0, acc0 * alpha[:, None], input_precision=PRECISION)
                     if D1 > 0:
-                        v1 = tl.load(v_rows + c1[None, :], mask=n_ok[:, None] & d1_ok[None, :], other=0.0)
+                        v1 = _key_tile(v1_desc, v_rows, c1, n_ok[:, None] & d1_ok[None, :], token_row + start,
+                                       head * HEAD_DIM + D0, TMA)
                         if ROW_SUM:
                             # A column of ones in the padding makes the p v dot also sum each row of p: the
                             # softmax denominator comes from the tensor cores, not a reduction per block.
-                            v1 = tl.where((d1 == HEAD_DIM)[None, :] & n_ok[:, None], 1.0, v1).to(v_ptr.dtype.element_ty)
+                            v1 = tl.where((d1 == HEAD_DIM)[None, :] & n_ok[:, None], 1.0, v1).to(p.dtype)
                         acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PRECISION)
                     m_i = m_new
         if ROW_SUM:
@@ -650,6 +668,11 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def _whole_rows(t: torch.Tensor) -> bool:
+    """t's rows of channels are whole 16 bytes, as tensor descriptors read them."""
+    return t.shape[-1] * t.element_size() % 16 == 0
+
+
 def _tma_operand(t: torch.Tensor) -> torch.Tensor:
     """t, or a copy, with the 16-byte aligned start and row stride that tensor descriptors need."""
     aligned = t.stride(-1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
@@ -692,25 +715,42 @@ def _split_head_dim(head_dim: int) -> tuple[int, int]:
     return d0, 0 if rest == 0 else max(16, triton.next_power_of_2(rest))
 
 
-def _key_frame_config(head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), the fastest of nine measured on an H200 at the interpolation
-    model's heads of 40, 80 and 160 channels."""
+def _key_frame_config(head_dim: int, tma: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), the fastest measured on an H200 at the interpolation model's
+    heads of 40, 80 and 160 channels (2560, 640 and 160 tokens a frame): of 40-60 with tensor descriptors, of
+    nine with pointer loads."""
+    if tma:
+        if head_dim <= 64:
+            return 128, 128, 4, 3
+        return (64, 64, 4, 2) if head_dim <= 128 else (64, 32, 4, 2)
     if head_dim <= 64:
         return 128, 64, 8, 3
     return (128, 64, 4, 3) if head_dim <= 128 else (64, 32, 4, 3)
 
 
 def _key_frame_launch(
-    tokens: int, key_tokens: int, keys: int, heads: int, head_dim: int, dtype: torch.dtype
+    tokens: int, key_tokens: int, keys: int, heads: int, head_dim: int, dtype: torch.dtype, tma: bool
 ) -> tuple[dict, dict]:
-    """The key-frame kernel's compile-time constants and its launch options (warps, stages) for one call."""
+    """The key-frame kernel's compile-time constants and its launch options (warps, stages) for one call;
+    `tma` asks for tensor descriptors, which it gets where its blocks tile a frame's keys exactly (TMA: False
+    otherwise)."""
     d0, d1 = _split_head_dim(head_dim)
-    block_m, block_n, warps, stages = _key_frame_config(head_dim)
-    block_m = min(block_m, max(16, triton.next_power_of_2(tokens)))
-    block_n = min(block_n, max(16, triton.next_power_of_2(key_tokens)))
+
+    def blocks(tma: bool) -> tuple[int, int, int, int]:
+        block_m, block_n, warps, stages = _key_frame_config(head_dim, tma)
+        return min(block_m, max(16, triton.next_power_of_2(tokens))), min(block_n, key_tokens), warps, stages
+
+    block_m, block_n, warps, stages = blocks(tma)
+    # Partial key blocks are masked, which only pointer loads do right: with descriptors, Triton 3.6 compiled
+    # them into kernels that gave wrong results or faulted on an H200.
+    tma = tma and key_tokens % block_n == 0 and key_tokens >= 2 * block_n
+    if not tma:
+        block_m, block_n, warps, stages = blocks(False)
+        block_n = max(16, triton.next_power_of_2(block_n))
     constants = dict(
         KEY_TOKENS=key_tokens, LOOP_END=max(key_tokens, 2 * block_n), KEYS=keys, HEADS=heads, HEAD_DIM=head_dim,
-        D0=d0, D1=d1, ROW_SUM=d0 + d1 > head_dim > d0, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_dot_precision(dtype),
+        D0=d0, D1=d1, ROW_SUM=d0 + d1 > head_dim > d0, BLOCK_M=block_m, BLOCK_N=block_n, TMA=tma,
+        PRECISION=_dot_precision(dtype),
     )
     return constants, dict(num_warps=warps, num_stages=stages)
 
@@ -721,10 +761,18 @@ def _launch_key_frame_attention(
     rows, tokens, channels = q.shape
     head_dim = channels // heads
     q, k, v = (_unit_stride(t) for t in (q, k, v))
-    constants, options = _key_frame_launch(tokens, k.shape[1], key_frames.shape[1], heads, head_dim, v.dtype)
+    # Descriptor coordinates are 32-bit.
+    tma = TensorDescriptor is not None and _whole_rows(k) and k.shape[0] * k.shape[1] < 2**31
+    constants, options = _key_frame_launch(tokens, k.shape[1], key_frames.shape[1], heads, head_dim, v.dtype, tma)
+    descriptors = [None] * 4
+    if constants["TMA"]:
+        k_rows, v_rows = (_tma_operand(t.reshape(-1, channels)) for t in (k, v))
+        # Without a D1 part its descriptors are never read: any valid block shape serves.
+        widths = (constants["D0"], constants["D1"] or constants["D0"])
+        descriptors = [TensorDescriptor.from_tensor(t, [constants["BLOCK_N"], w]) for t in (k_rows, v_rows) for w in widths]
     out = torch.empty(q.shape, device=q.device, dtype=v.dtype)
     _key_frame_attention_kernel[(triton.cdiv(tokens, constants["BLOCK_M"]), rows * heads)](
-        q, k, v, out, key_frames.to(device=q.device, dtype=torch.int64).contiguous(), frames, tokens,
+        q, k, v, *descriptors, out, key_frames.to(device=q.device, dtype=torch.int64).contiguous(), frames, tokens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         head_dim**-0.5 * 1.4426950408889634, **constants, **options,
     )

@@ -116,12 +116,18 @@ def geglu_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.f
 
 # Key-frame attention. id: (clips, frames, query tokens, key tokens, heads, head_dim, key frames: "sparse"
 # for (0, i-1) or a list of rows). Heads of 40 (32 + 16 with the row-sum column), 80 (64 + 16), 160
-# (128 + 32), 8 (one masked 16) and 24 (16 + 16); token counts that leave partial blocks.
+# (128 + 32), 8 (one masked 16) and 24 (16 + 16); token counts that leave partial blocks (pointer loads),
+# and "tma" ones that the blocks tile exactly (tensor descriptors: two blocks a frame, whose 16-wide tiles
+# of 8-wide heads also read the next head, or past the last).
 KEY_FRAME_CASES = {
     "key-frames-sparse-head-40": (2, 4, 33, 33, 2, 40, "sparse"),
     "key-frames-sparse-head-80": (1, 3, 20, 20, 2, 80, "sparse"),
     "key-frames-sparse-head-160": (1, 2, 17, 17, 1, 160, "sparse"),
     "key-frames-small-head-8": (1, 3, 9, 9, 3, 8, "sparse"),
+    "key-frames-tma-head-40": (1, 3, 200, 256, 2, 40, "sparse"),
+    "key-frames-tma-head-80": (2, 2, 128, 128, 2, 80, "sparse"),
+    "key-frames-tma-head-160": (1, 3, 64, 64, 1, 160, "sparse"),
+    "key-frames-tma-head-8": (1, 2, 40, 256, 6, 8, "sparse"),
     "key-frames-three-keys-head-24": (2, 3, 12, 70, 2, 24, [[0, 1, 2], [2, 2, 0], [1, 0, 1]]),
     "key-frames-one-frame-repeated": (1, 3, 12, 40, 2, 24, [[1, 1, 1], [0, 2, 0], [2, 2, 2]]),
 }

@@ -251,7 +251,11 @@ def test_sparse_causal_dispatch(monkeypatch, dtype, grad, expected):
 @pytest.mark.gpu
 @on_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("dim,heads,tokens", [(320, 8, 40), (640, 8, 77), (1280, 8, 10)], ids=["head-40", "head-80", "head-160"])
+@pytest.mark.parametrize(
+    "dim,heads,tokens",
+    [(320, 8, 40), (640, 8, 77), (1280, 8, 10), (320, 8, 256), (320, 8, 384), (640, 8, 128), (1280, 8, 64)],
+    ids=["head-40", "head-80", "head-160", "head-40-tma", "head-40-tma-3-blocks", "head-80-tma", "head-160-tma"],
+)
 def test_cuda_sparse_causal_kernel_equals_gathered_sdpa(monkeypatch, dtype, dim, heads, tokens):
     torch.manual_seed(0)
     attn = blocks.Attention(dim, heads).cuda().to(dtype)
@@ -262,6 +266,30 @@ def test_cuda_sparse_causal_kernel_equals_gathered_sdpa(monkeypatch, dtype, dim,
         ref = blocks.sparse_causal_attention(attn, x, 5)
     tol = 1e-2 if dtype == torch.float16 else 3e-2
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(triton_missing, reason="triton is not installed")
+@pytest.mark.parametrize(
+    "key_tokens,head_dim,descriptors,expected",
+    [
+        pytest.param(2560, 40, True, True, id="top-level-20-blocks"),
+        pytest.param(256, 40, True, True, id="two-blocks"),
+        pytest.param(128, 40, True, False, id="one-block-pointers"),
+        pytest.param(2600, 40, True, False, id="partial-block-pointers"),
+        pytest.param(640, 80, True, True, id="head-80"),
+        pytest.param(160, 160, True, True, id="head-160"),
+        pytest.param(2560, 40, False, False, id="no-descriptors-pointers"),
+    ],
+)
+def test_key_frame_kernel_reads_through_descriptors_only_where_blocks_tile_the_keys(
+    key_tokens, head_dim, descriptors, expected
+):
+    constants, _ = fused._key_frame_launch(key_tokens, key_tokens, 2, 8, head_dim, torch.float16, descriptors)
+    assert constants["TMA"] == expected
+    if expected:
+        assert key_tokens % constants["BLOCK_N"] == 0 and constants["LOOP_END"] == key_tokens
+    else:
+        assert constants["LOOP_END"] >= 2 * constants["BLOCK_N"]
 
 
 @pytest.mark.parametrize(
@@ -500,15 +528,23 @@ def _compile_geglu(config: tuple[int, ...], k: int, capability: int):
     return _compile(fused._geglu_kernel, signature, constants, {"num_warps": warps, "num_stages": stages}, capability)
 
 
-def _compile_key_frame(head_dim: int, tokens: int, capability: int):
+def _compile_key_frame(head_dim: int, tokens: int, capability: int, tma: bool):
     """The key-frame kernel as its launcher configures it for fp16 sparse causal attention (two key frames of
-    `tokens` tokens, 8 heads)."""
-    signature = {**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*fp16"), "key_frames_ptr": "*i64",
-                 "frames": "i32", "tokens": "i32"}
+    `tokens` tokens, 8 heads), with tensor descriptors or pointer loads."""
+    constants, options = fused._key_frame_launch(tokens, tokens, 2, 8, head_dim, torch.float16, tma)
+    assert constants["TMA"] == tma
+    block_n, widths = constants["BLOCK_N"], (constants["D0"], constants["D1"] or constants["D0"])
+    descriptors = [f"{t}{i}_desc" for t in "kv" for i in range(2)]
+    signature = dict.fromkeys(("q_ptr", "k_ptr", "v_ptr"), "*fp16")
+    if tma:
+        signature.update({name: f"tensordesc<fp16[{block_n}, {widths[int(name[1])]}]>" for name in descriptors})
+    else:
+        signature.update(dict.fromkeys(descriptors, "constexpr"))
+        constants = {**constants, **dict.fromkeys(descriptors)}
+    signature.update({"out_ptr": "*fp16", "key_frames_ptr": "*i64", "frames": "i32", "tokens": "i32"})
     signature.update(dict.fromkeys([f"stride_{t}{d}" for t in "qkvo" for d in "nl"], "i64"))
     signature["scale_log2"] = "fp32"
-    launch = fused._key_frame_launch(tokens, tokens, 2, 8, head_dim, torch.float16)
-    return _compile(fused._key_frame_attention_kernel, signature, *launch, capability)
+    return _compile(fused._key_frame_attention_kernel, signature, constants, options, capability)
 
 
 def _compile_temporal(frames: int, head_dim: int, capability: int):
@@ -544,15 +580,18 @@ def test_geglu_kernel_compiles_within_each_gpus_shared_memory(capability, shared
             assert fitting[0] == fused._GEGLU_CONFIGS[0]
 
 
-@pytest.mark.skipif(triton_missing, reason="triton is not installed")
+@pytest.mark.skipif(triton_missing or fused.TensorDescriptor is None, reason="needs Triton >= 3.3")
 @pytest.mark.parametrize("capability,shared", GPU_TARGETS)
 def test_attention_kernels_compile_within_each_gpus_shared_memory(capability, shared):
     # These launch one configuration each, with no smaller one to fall back to: every GPU must take it. The
     # interpolation model's sparse causal attention at its three widths (heads of 40, 80 and 160 channels, 2560,
     # 640 and 160 tokens a frame), and its temporal attention's largest tiles (61 frames, heads of 160).
     for head_dim, tokens in ((40, 2560), (80, 640), (160, 160)):
-        used = _compile_key_frame(head_dim, tokens, capability).metadata.shared
-        assert used <= shared, f"key-frame attention, heads of {head_dim}: {used} bytes of shared memory on sm{capability}"
+        for tma in (True, False):
+            used = _compile_key_frame(head_dim, tokens, capability, tma).metadata.shared
+            assert used <= shared, (
+                f"key-frame attention, heads of {head_dim}, TMA {tma}: {used} bytes of shared memory on sm{capability}"
+            )
     used = _compile_temporal(61, 160, capability).metadata.shared
     assert used <= shared, f"temporal attention, 61 frames, heads of 160: {used} bytes of shared memory on sm{capability}"
 

@@ -242,6 +242,43 @@ def test_rotary_rotates_pairs_by_position_and_keeps_the_tail():
     assert dots[1] == pytest.approx(dots2[2], abs=1e-5) and dots[0] == pytest.approx(dots2[1], abs=1e-5)
 
 
+
+def test_position_tables_are_computed_once_per_frame_count_without_gradients():
+    rot, rel = RotaryEmbedding(4), RelativePositionBias(heads=2)
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        cos, sin = rot.table(5, cpu)
+        buckets = rel.buckets(5, cpu)
+        assert rot.table(5, cpu)[0] is cos and rel.buckets(5, cpu) is buckets
+        assert rot.table(6, cpu)[0].shape == (6, 4) and rel.buckets(6, cpu).shape == (6, 6)
+        fresh_cos, fresh_sin = rot._table(5, cpu)
+        assert torch.equal(cos, fresh_cos) and torch.equal(sin, fresh_sin)
+        assert torch.equal(buckets, rel._buckets(5, cpu))
+        rot.freqs.mul_(2)  # a buffer changed in place is read anew
+        assert torch.equal(rot.table(5, cpu)[0], rot._table(5, cpu)[0])
+        assert not torch.equal(rot.table(5, cpu)[0], cos)
+        for frames in range(7, 30):
+            rel.buckets(frames, cpu)
+        assert len(rel._position_cache) == 8
+    # Where a gradient may be recorded the tables are new tensors: one made under inference mode could not be
+    # saved for backward.
+    with torch.inference_mode():
+        rot.table(3, cpu)
+    q = torch.randn(1, 1, 3, 4, requires_grad=True)
+    rot.rotate(q).sum().backward()
+    assert rot.table(3, cpu)[0] is not rot.table(3, cpu)[0]
+    assert q.grad is not None
+
+
+def test_position_tables_of_a_model_loaded_under_inference_mode():
+    # ComfyUI loads and runs models under inference mode, where buffers keep no version counter.
+    with torch.inference_mode():
+        rot = RotaryEmbedding(4)
+        cos, _ = rot.table(5, torch.device("cpu"))
+        assert rot.table(5, torch.device("cpu"))[0] is cos
+    with torch.no_grad():
+        assert torch.equal(rot.table(5, torch.device("cpu"))[0], cos)
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("groups", [2, 3])
 def test_several_contexts_per_sample_equal_the_repeated_batch(kind, groups):
