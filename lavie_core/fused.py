@@ -735,18 +735,14 @@ def _key_frame_launch(
     `tma` asks for tensor descriptors, which it gets where its blocks tile a frame's keys exactly (TMA: False
     otherwise)."""
     d0, d1 = _split_head_dim(head_dim)
-
-    def blocks(tma: bool) -> tuple[int, int, int, int]:
-        block_m, block_n, warps, stages = _key_frame_config(head_dim, tma)
-        return min(block_m, max(16, triton.next_power_of_2(tokens))), min(block_n, key_tokens), warps, stages
-
-    block_m, block_n, warps, stages = blocks(tma)
+    block_m, block_n, warps, stages = _key_frame_config(head_dim, tma)
     # Partial key blocks are masked, which only pointer loads do right: with descriptors, Triton 3.6 compiled
     # them into kernels that gave wrong results or faulted on an H200.
     tma = tma and key_tokens % block_n == 0 and key_tokens >= 2 * block_n
     if not tma:
-        block_m, block_n, warps, stages = blocks(False)
-        block_n = max(16, triton.next_power_of_2(block_n))
+        block_m, block_n, warps, stages = _key_frame_config(head_dim, False)
+        block_n = min(block_n, max(16, triton.next_power_of_2(key_tokens)))
+    block_m = min(block_m, max(16, triton.next_power_of_2(tokens)))
     constants = dict(
         KEY_TOKENS=key_tokens, LOOP_END=max(key_tokens, 2 * block_n), KEYS=keys, HEADS=heads, HEAD_DIM=head_dim,
         D0=d0, D1=d1, ROW_SUM=d0 + d1 > head_dim > d0, BLOCK_M=block_m, BLOCK_N=block_n, TMA=tma,
