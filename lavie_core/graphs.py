@@ -25,7 +25,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
-__all__ = ["GraphedCalls", "graphs_available"]
+__all__ = ["GraphedCalls", "graphs_available", "signature"]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,10 @@ def _note_allocator() -> None:
                  torch.cuda.get_allocator_backend())
 
 
-def _signature(args: tuple[torch.Tensor, ...], static: dict[str, Hashable]) -> Hashable:
-    tensors = tuple((tuple(a.shape), a.stride(), a.dtype) for a in args)
+def signature(args: tuple[torch.Tensor, ...], static: dict[str, Hashable]) -> Hashable:
+    """What a call's kernels depend on: the shapes, strides, dtypes and devices of its tensors, the values of the
+    rest."""
+    tensors = tuple((tuple(a.shape), a.stride(), a.dtype, a.device) for a in args)
     return tensors, tuple(sorted(static.items()))
 
 
@@ -92,7 +94,7 @@ class GraphedCalls:
     def __call__(self, *args: torch.Tensor, **static: Hashable) -> torch.Tensor:
         if not self._capturable(args):
             return self.fn(*args, **static)
-        key = _signature(args, static)
+        key = signature(args, static)
         graph = self.graphs.get(key)
         if graph is None:
             if key not in self._seen or len(self.graphs) >= self.max_graphs:

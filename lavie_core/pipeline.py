@@ -30,7 +30,7 @@ import torch
 
 from . import fused
 from .config import UNetConfig
-from .graphs import GraphedCalls
+from .graphs import GraphedCalls, signature
 from .guidance import CFGDenoiser, DiscreteDenoiser
 from .memory import unet_activation_peak
 from .samplers import SAMPLERS, Sampler
@@ -215,7 +215,9 @@ class Network:
     Conditioning that the official models concatenate on channels after the noisy latent
     (``concat``) is appended here, after DiscreteDenoiser has scaled the latent alone. Every call
     ticks ``on_call(done, total)``. With ``cuda_graph``, calls on a CUDA device are replayed from
-    CUDA graphs (``lavie_core.graphs``), freed with the Network at the end of the stage.
+    CUDA graphs (``lavie_core.graphs``), freed with the Network at the end of the stage. Before an eager
+    ``LaVieUNet``'s first call with new shapes, its Triton kernels compile all at once
+    (``fused.compile_ahead``; once per process, model config and input signature).
     """
 
     def __init__(
@@ -239,10 +241,12 @@ class Network:
     ) -> torch.Tensor:
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
-        if self.noise_level is None:
-            out = self.call(x, t, context)
-        else:
-            out = self.call(x, t, context, noise_level=self.noise_level)
+        args = (x, t, context)
+        static = {} if self.noise_level is None else {"noise_level": self.noise_level}
+        if isinstance(self.unet, LaVieUNet):  # compiled UNets: Inductor compiles its kernels in parallel itself
+            key = (self.unet.config, self.unet.dtype, signature(args, static))
+            fused.compile_ahead(self.unet, *args, key=key, **static)
+        out = self.call(*args, **static)
         self.calls += 1
         if self.on_call is not None:
             self.on_call(self.calls, self.total_calls)

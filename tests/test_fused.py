@@ -6,9 +6,11 @@ On the CPU the Triton kernels run in Triton's interpreter, in a subprocess becau
 chosen when a kernel is defined.
 """
 import json
+import logging
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -639,3 +641,146 @@ def test_channel_sums_spread_rows_over_every_multiprocessor(clips, rows, channel
     # Programs of whole steps: as many as asked for, or all there can be when rows run out first.
     assert programs <= per_multiprocessor * 132 or rows_per_program == block_r
     assert 2 * programs > per_multiprocessor * 132 or splits == 1
+
+
+# ----------------------------------------------------------------------------- compiling ahead
+
+
+class FakeKernel:
+    """A Triton kernel as `fused._run` sees it: `kernel[grid](...)` launches; inside `compile_ahead`, `warmup`
+    queues `compile(grid)` on the active AsyncCompileMode, as Triton's JIT functions do."""
+
+    def __init__(self, compile):
+        self.compile, self.launched, self.compiled = compile, [], []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launched.append(grid)
+
+    def warmup(self, *args, grid, **kwargs):
+        from triton.runtime import _async_compile
+
+        return _async_compile.active_mode.get().submit(grid, lambda: self.compile(grid), self.compiled.append)
+
+
+class Compiled:
+    """A compiled kernel whose `run` property (Triton's loading) notes the thread that loaded it."""
+
+    def __init__(self, grid):
+        self.grid, self.loaded_on = grid, None
+
+    @property
+    def run(self):
+        self.loaded_on = threading.current_thread().name
+        return None
+
+
+@pytest.fixture
+def usable(monkeypatch):
+    monkeypatch.setattr(fused, "kernels_usable", lambda x: True)
+    monkeypatch.setattr(fused, "_COMPILED_AHEAD", set())
+
+
+def _launching(kernel, grids):
+    def fn(x):
+        for grid in grids:
+            fused._run(kernel, grid, x, BLOCK=16)
+        return x
+    return fn
+
+
+needs_async_compile = pytest.mark.skipif(triton_missing or not hasattr(fused.triton, "AsyncCompileMode"),
+                                         reason="needs Triton's AsyncCompileMode (3.4+)")
+
+
+@needs_async_compile
+def test_compile_ahead_compiles_the_launches_at_once_without_running_them(usable):
+    together = threading.Barrier(4, timeout=30)  # passes only if four compiles run at the same time
+
+    def compile(grid):
+        together.wait()
+        return Compiled(grid)
+
+    kernel = FakeKernel(compile)
+    grids = [(1,), (2,), (3,), (4,)]
+    assert fused.compile_ahead(_launching(kernel, grids), torch.zeros(1), workers=4)
+    assert kernel.launched == []
+    assert sorted(k.grid for k in kernel.compiled) == grids
+    assert all(k.loaded_on.startswith("lavie-compile") for k in kernel.compiled)
+    fused._run(kernel, (5,), torch.zeros(1))  # outside, launches run
+    assert kernel.launched == [(5,)]
+
+
+@needs_async_compile
+def test_compile_ahead_leaves_failed_compiles_to_the_launch(usable):
+    def compile(grid):
+        if grid == (2,):
+            raise RuntimeError("PassManager::run failed")
+        return Compiled(grid)
+
+    kernel = FakeKernel(compile)
+    assert fused.compile_ahead(_launching(kernel, [(1,), (2,), (3,)]), torch.zeros(1), key="a")
+    assert sorted(k.grid for k in kernel.compiled) == [(1,), (3,)]
+    # No compile mode stays active: the next call compiles ahead again.
+    assert fused.compile_ahead(_launching(kernel, [(4,)]), torch.zeros(1), key="b")
+    assert (4,) in [k.grid for k in kernel.compiled]
+
+
+@needs_async_compile
+def test_compile_ahead_runs_once_per_key(usable):
+    calls = []
+
+    def fn(x, *, scale):
+        calls.append(scale)
+        return x
+
+    for key, scale in [("base", 1), ("base", 2), ("vsr", 3)]:
+        fused.compile_ahead(fn, torch.zeros(1), key=key, scale=scale)
+    assert calls == [1, 3]
+
+
+@needs_async_compile
+def test_compile_ahead_survives_a_failing_call(usable, caplog):
+    def fn(x):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    with caplog.at_level(logging.INFO, logger="lavie_core.fused"):
+        assert not fused.compile_ahead(fn, torch.zeros(1))
+    assert "compiling kernels ahead stopped (OutOfMemoryError: CUDA out of memory)" in caplog.text
+    kernel = FakeKernel(Compiled)
+    assert fused.compile_ahead(_launching(kernel, [(1,)]), torch.zeros(1))
+    assert [k.grid for k in kernel.compiled] == [(1,)]
+
+
+def test_compile_ahead_leaves_calls_off_cuda_alone():
+    calls = []
+    assert not fused.compile_ahead(lambda x: calls.append(x), torch.zeros(1))
+    assert calls == []
+
+
+@pytest.mark.gpu
+@on_cuda
+@needs_async_compile
+def test_cuda_compile_ahead_leaves_nothing_to_compile_at_the_call(monkeypatch):
+    # Widths no other test uses, so every kernel specialisation is new to this process.
+    model = LaVieUNet(UNetConfig.tiny("interpolation", block_out_channels=(48, 96), norm_groups=12)).eval()
+    model = model.requires_grad_(False).to("cuda", torch.float16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, model.config.in_channels, 5, 8, 16, generator=g).to("cuda", torch.float16)
+    t, ctx = torch.tensor([500, 500], device="cuda"), torch.randn(2, 7, 32, generator=g).to("cuda", torch.float16)
+    events = []
+
+    def listener(*, src, metadata, metadata_group, times, cache_hit):
+        events.append((src.name, threading.current_thread().name))
+
+    monkeypatch.setattr(fused.triton.knobs.compilation, "listener", listener)
+    with torch.no_grad():
+        assert fused.compile_ahead(model, x, t, ctx)
+        ahead = list(events)
+        events.clear()
+        out = model(x, t, ctx)
+        torch.cuda.synchronize()
+    names = {name for name, _ in ahead}
+    assert {"_key_frame_attention_kernel", "_temporal_attention_kernel", "_channel_sums_kernel"} <= names
+    assert all(thread.startswith("lavie-compile") for _, thread in ahead)
+    assert events == []
+    assert torch.isfinite(out).all()

@@ -509,6 +509,23 @@ def test_on_call_counts_every_unet_call_of_the_stage(base, interp, vsr, stage, k
     assert ticks == [(i, total) for i in range(1, total + 1)]
 
 
+@pytest.mark.parametrize("stage, kwargs, total", PROGRESS_CASES[:1] + PROGRESS_CASES[-2:])
+def test_every_unet_call_first_compiles_its_kernels_ahead(base, interp, vsr, stage, kwargs, total, monkeypatch):
+    asked = []
+    monkeypatch.setattr(P.fused, "compile_ahead", lambda fn, *args, key, **static: asked.append((fn, args, key, static)))
+    model, run = _stage_call(stage, (base, interp, vsr), **kwargs)
+    with spy(model) as calls:
+        run()
+    assert len(asked) == len(calls) == total
+    for (fn, args, key, static), call in zip(asked, calls):
+        assert fn is model and key[:2] == (model.config, model.dtype)
+        assert [tuple(a.shape) for a in args] == [tuple(call[k].shape) for k in ("x", "t", "context")]
+        assert static == ({} if call["noise_level"] is None else {"noise_level": call["noise_level"]})
+    # The key is the input signature: the calls of a stage's steps share it, tiles and chunks of other sizes not.
+    shapes = {tuple(tuple(a.shape) for a in args) for _, args, _, _ in asked}
+    assert len({key for _, _, key, _ in asked}) == len(shapes)
+
+
 @pytest.mark.parametrize("stage", ["text_to_video", "interpolation", "upscale"])
 def test_callback_reports_every_step(base, interp, vsr, stage):
     seen = []
