@@ -135,18 +135,19 @@ def _run(kernel, grid: tuple[int, ...], *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
-def compile_ahead(fn: Callable[..., object], *args: object, key: Hashable = None, workers: int | None = None,
+def compile_ahead(fn: Callable[..., object], *args: object, key: Hashable | None = None, workers: int | None = None,
                   **kwargs: object) -> bool:
     """Compile the kernels that `fn(*args, **kwargs)` launches, on `workers` threads at once (default: one per
     CPU core, at most 16), before the call that needs them.
 
     Triton compiles a kernel the first time it launches with new constants, one after another: on an H200
     host whose Triton cache was empty, the cascade's 93 kernels took 24.7-26.6 s; on 16 threads, 4.9-5.4 s
-    (Triton's MLIR passes hold Python's lock, so threads help less than processes would). Here `fn` runs once with every kernel launch replaced by its compilation (cuBLAS and cuDNN
-    work runs as usual, on outputs of no meaning), then waits for the compiles. Kernels in Triton's disk cache
-    only load. A `key` seen before (a model and input signature) returns at once: compiled kernels stay for the
-    life of the process. Returns whether anything ran; never raises, since the call itself launches and, if it
-    must, compiles every kernel as it would without this.
+    (Triton's MLIR passes hold Python's lock, so threads help less than processes would). Here `fn` runs
+    once with every kernel launch replaced by its compilation (cuBLAS and cuDNN work runs as usual, on
+    outputs of no meaning), then waits for the compiles. Kernels in Triton's disk cache only load. A `key`
+    seen before (a model and input signature) returns at once: compiled kernels stay for the life of the
+    process. Returns whether anything ran; never raises, since the call itself launches and, if it must,
+    compiles every kernel as it would without this.
     """
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     if (triton is None or not hasattr(triton, "AsyncCompileMode") or not tensors
@@ -169,7 +170,7 @@ def compile_ahead(fn: Callable[..., object], *args: object, key: Hashable = None
             with torch.no_grad():
                 fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - the call itself reports what is wrong
-            log.info("LaVie: compiling kernels ahead stopped (%s); they compile as they launch", f"{type(e).__name__}: {e}")
+            log.info("LaVie: compiling kernels ahead stopped (%s: %s); they compile as they launch", type(e).__name__, e)
             return False
         finally:
             _COMPILING_AHEAD.reset(token)
