@@ -50,9 +50,18 @@ def ms_per_call(fn, calls: int = 20) -> float:
 
 
 def load_launcher(path: Path):
+    """`_launch_geglu` of another version's fused.py. Loaded as it is, that file would register its custom
+    ops under this version's names (`lavie::geglu`), and this version's op then had no schema left to call
+    (torch 2.11): it is loaded with `torch.library.custom_op` out of sight, so it defines none (its launcher
+    needs none)."""
     spec = importlib.util.spec_from_file_location("fused_against", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    custom_op = torch.library.custom_op
+    del torch.library.custom_op
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        torch.library.custom_op = custom_op
     return module._launch_geglu
 
 

@@ -141,8 +141,9 @@ def compile_ahead(fn: Callable[..., object], *args: object, key: Hashable | None
     CPU core, at most 16), before the call that needs them.
 
     Triton compiles a kernel the first time it launches with new constants, one after another: on an H200
-    host whose Triton cache was empty, the cascade's 93 kernels took 24.7-26.6 s; on 16 threads, 4.9-5.4 s
-    (Triton's MLIR passes hold Python's lock, so threads help less than processes would). Here `fn` runs
+    host whose Triton cache was empty, the 93 kernel variants the cascade then launched took 24.7-26.6 s; on
+    16 threads, 4.9-5.4 s (Triton's MLIR passes hold Python's lock, so threads help less than processes
+    would). Kernels take channel counts at run time, so the cascade now launches 37. Here `fn` runs
     once with every kernel launch replaced by its compilation (cuBLAS and cuDNN work runs as usual, on
     outputs of no meaning), then waits for the compiles. Kernels in Triton's disk cache only load. A `key`
     seen before (a model and input signature) returns at once: compiled kernels stay for the life of the
@@ -208,7 +209,7 @@ if triton is not None:
         even, odd = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], x.shape[1] // 2, 2)))
         return tl.reshape(tl.join(even * cos - odd * sin, odd * cos + even * sin), x.shape)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["tokens"])
     def _temporal_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, cos_ptr, sin_ptr, bias_ptr,
         tokens,
@@ -356,47 +357,57 @@ if triton is not None:
 
 
     @triton.jit
-    def _channel_sums_kernel(
-        x_ptr, out_ptr, rows, channels,
-        ROWS_PER_PROGRAM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    ):
-        split, clip, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < channels
+    def _row_sums(base, first, count, rows, channels, cols, col_ok, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # Column sums and sums of squares of rows [first, first + count) of a `rows x channels` block.
         total = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
         squares = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-        base = x_ptr + clip.to(tl.int64) * rows * channels
-        for r0 in range(0, ROWS_PER_PROGRAM, BLOCK_R):
-            r = split * ROWS_PER_PROGRAM + r0 + tl.arange(0, BLOCK_R)
+        for r0 in range(0, count, BLOCK_R):
+            r = first + r0 + tl.arange(0, BLOCK_R)
             mask = (r < rows)[:, None] & col_ok[None, :]
             v = tl.load(base + r.to(tl.int64)[:, None] * channels + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             total += v
             squares += v * v
-        out = out_ptr + ((clip * tl.num_programs(0) + split) * 2) * channels + cols
-        tl.store(out, tl.sum(total, 0), mask=col_ok)
-        tl.store(out + channels, tl.sum(squares, 0), mask=col_ok)
+        return tl.sum(total, 0), tl.sum(squares, 0)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows", "rows_per_program"])
+    def _channel_sums_kernel(
+        x_ptr, out_ptr, rows, channels, rows_per_program,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, INTERPRETER_ROWS: tl.constexpr,
+    ):
+        # Rows per program at run time, not a constant for each power of two: fewer variants to compile. The
+        # interpreter takes only constant loop bounds: there they are INTERPRETER_ROWS (0 on GPUs).
+        split, clip, cb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+        col_ok = cols < channels
+        base = x_ptr + clip.to(tl.int64) * rows * channels
+        total, squares = _row_sums(
+            base, split * rows_per_program, INTERPRETER_ROWS if INTERPRETER_ROWS else rows_per_program, rows, channels,
+            cols, col_ok, BLOCK_R, BLOCK_C,
+        )
+        out = out_ptr + ((clip * tl.num_programs(0) + split) * 2) * channels + cols
+        tl.store(out, total, mask=col_ok)
+        tl.store(out + channels, squares, mask=col_ok)
+
+    @triton.jit(do_not_specialize=["rows", "channels", "groups", "group"])
     def _group_affine_kernel(
-        sums_ptr, offset_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, rows, eps,
-        CHANNELS: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr, GROUPS_PAD: tl.constexpr,
-        GROUP_PAD: tl.constexpr, OFFSET: tl.constexpr,
+        sums_ptr, offset_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, rows, eps, channels, groups, group,
+        GROUPS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, OFFSET: tl.constexpr,
     ):
         # One program per sample holds its channels as `groups x channels per group`, so each group's
         # statistics are one row reduction.
         sample = tl.program_id(0).to(tl.int64)
         g = tl.arange(0, GROUPS_PAD)
         j = tl.arange(0, GROUP_PAD)
-        mask = (g < GROUPS)[:, None] & (j < GROUP)[None, :]
-        cols = g[:, None] * GROUP + j[None, :]
-        total = tl.load(sums_ptr + sample * 2 * CHANNELS + cols, mask=mask, other=0.0)
-        squares = tl.load(sums_ptr + (sample * 2 + 1) * CHANNELS + cols, mask=mask, other=0.0)
+        mask = (g < groups)[:, None] & (j < group)[None, :]
+        cols = g[:, None] * group + j[None, :]
+        total = tl.load(sums_ptr + sample * 2 * channels + cols, mask=mask, other=0.0)
+        squares = tl.load(sums_ptr + (sample * 2 + 1) * channels + cols, mask=mask, other=0.0)
         m = rows.to(tl.float32)
         if OFFSET:
-            t = tl.load(offset_ptr + sample * CHANNELS + cols, mask=mask, other=0.0).to(tl.float32)
+            t = tl.load(offset_ptr + sample * channels + cols, mask=mask, other=0.0).to(tl.float32)
             squares += t * (2 * total + m * t)
             total += m * t
-        n = m * GROUP
+        n = m * group
         mean = tl.sum(total, 1) / n
         var = tl.maximum(tl.sum(squares, 1) / n - mean * mean, 0.0)
         weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -405,10 +416,10 @@ if triton is not None:
         shift = bias - mean[:, None] * scale
         if OFFSET:
             shift += t * scale
-        tl.store(scale_ptr + sample * CHANNELS + cols, scale, mask=mask)
-        tl.store(shift_ptr + sample * CHANNELS + cols, shift, mask=mask)
+        tl.store(scale_ptr + sample * channels + cols, scale, mask=mask)
+        tl.store(shift_ptr + sample * channels + cols, shift, mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])
     def _scale_shift_kernel(
         x_ptr, out_ptr, scale_ptr, shift_ptr, rows, channels,
         SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -428,21 +439,23 @@ if triton is not None:
         tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _row_block(rows, CHANNELS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _row_block(rows, channels, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # A row-wise kernel's program (i, j): its rows and channels, the channels that exist, and the mask of
-        # the elements that do.
+        # the elements that do. In the row-wise kernels channel counts are run-time values, so one compiled
+        # kernel serves every model width: a count divisible by 16 (Triton specialises on that) still makes
+        # each row 16-byte aligned and the loads wide. Row counts are not specialised on at all.
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = cols < CHANNELS
+        col_ok = cols < channels
         return r, cols, col_ok, (r < rows)[:, None] & col_ok[None, :]
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])
     def _bias_add_kernel(
-        x_ptr, bias_ptr, residual_ptr, rows,
-        CHANNELS: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        x_ptr, bias_ptr, residual_ptr, rows, channels,
+        RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        r, cols, col_ok, mask = _row_block(rows, CHANNELS, BLOCK_R, BLOCK_C)
-        offsets = r.to(tl.int64)[:, None] * CHANNELS + cols[None, :]
+        r, cols, col_ok, mask = _row_block(rows, channels, BLOCK_R, BLOCK_C)
+        offsets = r.to(tl.int64)[:, None] * channels + cols[None, :]
         y = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if RESIDUAL:
@@ -450,60 +463,60 @@ if triton is not None:
         tl.store(x_ptr + offsets, y.to(x_ptr.dtype.element_ty), mask=mask)
 
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows", "pixels", "b_samples"])
     def _concat_channels_kernel(
-        a_ptr, b_ptr, out_ptr, rows, pixels, b_samples,
-        CA: tl.constexpr, CB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        a_ptr, b_ptr, out_ptr, rows, pixels, b_samples, ca, cb,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         r_ok = (r < rows)[:, None]
-        in_a = (cols < CA)[None, :]
-        in_b = ((cols >= CA) & (cols < CA + CB))[None, :]
+        in_a = (cols < ca)[None, :]
+        in_b = ((cols >= ca) & (cols < ca + cb))[None, :]
         # b's samples repeat along the batch (`torch.cat([b] * n)`): row r reads sample (r // pixels) % b_samples.
         b_row = ((r // pixels) % b_samples).to(tl.int64) * pixels + r % pixels
-        va = tl.load(a_ptr + r.to(tl.int64)[:, None] * CA + cols[None, :], mask=r_ok & in_a, other=0.0)
-        vb = tl.load(b_ptr + b_row[:, None] * CB + (cols - CA)[None, :], mask=r_ok & in_b, other=0.0)
-        out = out_ptr + r.to(tl.int64)[:, None] * (CA + CB) + cols[None, :]
+        va = tl.load(a_ptr + r.to(tl.int64)[:, None] * ca + cols[None, :], mask=r_ok & in_a, other=0.0)
+        vb = tl.load(b_ptr + b_row[:, None] * cb + (cols - ca)[None, :], mask=r_ok & in_b, other=0.0)
+        out = out_ptr + r.to(tl.int64)[:, None] * (ca + cb) + cols[None, :]
         tl.store(out, tl.where(in_a, va, vb), mask=r_ok & (in_a | in_b))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows"])
     def _layer_norm_kernel(
-        x_ptr, weight_ptr, bias_ptr, offset_ptr, out_ptr, rows, stride_x, eps,
-        CHANNELS: tl.constexpr, OFFSET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        x_ptr, weight_ptr, bias_ptr, offset_ptr, out_ptr, rows, stride_x, eps, channels,
+        OFFSET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         cols = tl.arange(0, BLOCK_C)
-        col_ok = cols < CHANNELS
+        col_ok = cols < channels
         mask = (r < rows)[:, None] & col_ok[None, :]
         v = tl.load(x_ptr + r.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if OFFSET:
             v += tl.load(offset_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        mean = tl.sum(v, 1) / CHANNELS
+        mean = tl.sum(v, 1) / channels
         centred = tl.where(col_ok[None, :], v - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(centred * centred, 1) / CHANNELS + eps)
+        rstd = tl.rsqrt(tl.sum(centred * centred, 1) / channels + eps)
         weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         y = centred * rstd[:, None] * weight[None, :] + bias[None, :]
-        tl.store(out_ptr + r.to(tl.int64)[:, None] * CHANNELS + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + r.to(tl.int64)[:, None] * channels + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["rows", "height", "width"])
     def _upsample_phases_kernel(
-        y_ptr, bias_ptr, out_ptr, rows, height, width,
-        CHANNELS: tl.constexpr, BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        y_ptr, bias_ptr, out_ptr, rows, height, width, channels,
+        BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         # Output pixel (n, 2i + p, 2j + q) is phase 2p + q's channels of y at (n, i + p, j + q): each output
         # row of channels is one contiguous run of y's, so reads and writes both move whole rows.
-        r, cols, col_ok, mask = _row_block(rows, CHANNELS, BLOCK_R, BLOCK_C)
+        r, cols, col_ok, mask = _row_block(rows, channels, BLOCK_R, BLOCK_C)
         image, pixel = r // (4 * height * width), r % (4 * height * width)
         row, col = pixel // (2 * width), pixel % (2 * width)
         p, q = row % 2, col % 2
         source = ((image * (height + 1) + row // 2 + p) * (width + 1) + col // 2 + q).to(tl.int64)
-        phase = (2 * p + q) * CHANNELS
-        v = tl.load(y_ptr + source[:, None] * (4 * CHANNELS) + phase[:, None] + cols[None, :], mask=mask, other=0.0)
+        phase = (2 * p + q) * channels
+        v = tl.load(y_ptr + source[:, None] * (4 * channels) + phase[:, None] + cols[None, :], mask=mask, other=0.0)
         if BIAS:
             v = v.to(tl.float32) + tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + r.to(tl.int64)[:, None] * CHANNELS + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + r.to(tl.int64)[:, None] * channels + cols[None, :], v.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _fold3(t0, t1, t2):
@@ -552,7 +565,7 @@ if triton is not None:
 
     @triton.jit
     def _geglu_tile(
-        tile, x_desc, w_desc, out_desc, b_ptr, M, N, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        tile, x_desc, w_desc, out_desc, b_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, FAST_RCP: tl.constexpr,
     ):
         blocks_m, blocks_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -576,23 +589,24 @@ if triton is not None:
             out = value * (0.5 * gate * (1.0 + _erf(gate * 0.7071067811865476, FAST_RCP)))
             out_desc.store([om, on], out.to(out_desc.dtype))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M", "K", "programs", "rounds"])
     def _geglu_kernel(
-        x_desc, w_desc, out_desc, b_ptr, M, N, programs, rounds,
-        K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        INTERPRETER_ROUNDS: tl.constexpr,
+        x_desc, w_desc, out_desc, b_ptr, M, N, K, programs, rounds,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        INTERPRETER_ROUNDS: tl.constexpr, INTERPRETER_K: tl.constexpr,
     ):
-        # K (the model width) is a compile-time constant: a few values per model, and Triton's interpreter
-        # needs a constant loop bound. Two accumulators per tile, the value half (weight rows n) and the gate
-        # half (rows N + n) of the projection, so the `2N`-wide product never reaches memory: only
-        # `value * gelu(gate)` is stored. Persistent programs, one per multiprocessor, take every
-        # `programs`-th tile in `rounds` rounds; tiles are read and written through tensor descriptors (TMA on
-        # Hopper), which also clip the edge tiles. The interpreter takes only constant loop bounds and runs
-        # no PTX: there INTERPRETER_ROUNDS is the count (0 on GPUs, so shapes do not compile anew).
+        # Two accumulators per tile, the value half (weight rows n) and the gate half (rows N + n) of the
+        # projection, so the `2N`-wide product never reaches memory: only `value * gelu(gate)` is stored.
+        # Persistent programs, one per multiprocessor, take every `programs`-th tile in `rounds` rounds; tiles
+        # are read and written through tensor descriptors (TMA on Hopper), which also clip the edge tiles. K
+        # (the model width) and the counts of rows, programs and rounds are run-time values that Triton does
+        # not specialise on, so the models' shapes share one compiled kernel. The interpreter takes only
+        # constant loop bounds and runs no PTX: there INTERPRETER_ROUNDS and INTERPRETER_K are the counts (0
+        # on GPUs).
         if INTERPRETER_ROUNDS:
             for i in range(0, INTERPRETER_ROUNDS):
                 _geglu_tile(tl.program_id(0) + i * programs, x_desc, w_desc, out_desc, b_ptr, M, N,
-                            K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, False)
+                            INTERPRETER_K, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, False)
         else:
             for i in range(0, rounds):
                 _geglu_tile(tl.program_id(0) + i * programs, x_desc, w_desc, out_desc, b_ptr, M, N,
@@ -624,8 +638,8 @@ def _launch_channel_sums(x: torch.Tensor) -> torch.Tensor:
     # Per-split partial sums, added up by torch: deterministic, unlike atomics.
     partial = torch.empty((clips, splits, 2, channels), device=x.device, dtype=torch.float32)
     _run(_channel_sums_kernel, (splits, clips, triton.cdiv(channels, block_c)),
-        x, partial, rows, channels,
-        ROWS_PER_PROGRAM=rows_per_program, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+        x, partial, rows, channels, rows_per_program,
+        BLOCK_R=block_r, BLOCK_C=block_c, INTERPRETER_ROWS=0 if x.is_cuda else rows_per_program, num_warps=warps,
     )
     return partial.sum(1)
 
@@ -640,7 +654,7 @@ def _launch_group_affine(
     group = channels // groups
     _run(_group_affine_kernel, (samples,),
         sums.contiguous(), scale if offset is None else offset.contiguous(), weight.contiguous(), bias.contiguous(),
-        scale, shift, rows, eps, CHANNELS=channels, GROUPS=groups, GROUP=group,
+        scale, shift, rows, eps, channels, groups, group,
         GROUPS_PAD=triton.next_power_of_2(groups), GROUP_PAD=triton.next_power_of_2(group), OFFSET=offset is not None,
         num_warps=4,
     )
@@ -670,8 +684,8 @@ def _launch_bias_add(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor
     rows, channels = x.shape
     block_r, block_c = _row_tiles(channels, 256)
     _run(_bias_add_kernel, (triton.cdiv(rows, block_r), triton.cdiv(channels, block_c)),
-        x, bias.contiguous(), x if residual is None else residual, rows,
-        CHANNELS=channels, RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        x, bias.contiguous(), x if residual is None else residual, rows, channels,
+        RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
 
 
@@ -680,7 +694,7 @@ def _launch_concat_channels(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     channels = ca + b.shape[1]
     block_r, block_c = _row_tiles(channels, 128)
     _run(_concat_channels_kernel, (triton.cdiv(rows, block_r), triton.cdiv(channels, block_c)),
-        a, b, out, rows, pixels, b_samples, CA=ca, CB=b.shape[1], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        a, b, out, rows, pixels, b_samples, ca, b.shape[1], BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
 
 
@@ -692,7 +706,7 @@ def _launch_layer_norm(
     block_r, block_c = _row_tiles(channels, triton.next_power_of_2(channels))  # a whole row per program
     _run(_layer_norm_kernel, (triton.cdiv(rows, block_r),),
         x, weight.contiguous(), bias.contiguous(), weight if offset is None else offset.contiguous(), out, rows,
-        x.stride(0), eps, CHANNELS=channels, OFFSET=offset is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        x.stride(0), eps, channels, OFFSET=offset is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return out
 
@@ -701,8 +715,8 @@ def _launch_upsample_phases(y: torch.Tensor, bias: torch.Tensor | None, out: tor
     rows, channels = out.shape
     block_r, block_c = _row_tiles(channels, 256)
     _run(_upsample_phases_kernel, (triton.cdiv(rows, block_r), triton.cdiv(channels, block_c)),
-        y, out if bias is None else bias.contiguous(), out, rows, height, width,
-        CHANNELS=channels, BIAS=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        y, out if bias is None else bias.contiguous(), out, rows, height, width, channels,
+        BIAS=bias is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
 
 
@@ -775,9 +789,9 @@ def _launch_geglu(
         rounds = triton.cdiv(tiles, programs)
         _run(_geglu_kernel, (programs,),
             TensorDescriptor.from_tensor(rows, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
-            TensorDescriptor.from_tensor(out, [block_m, block_n]), bias.contiguous(), m, n, programs, rounds,
-            K=k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-            INTERPRETER_ROUNDS=0 if x.is_cuda else rounds,
+            TensorDescriptor.from_tensor(out, [block_m, block_n]), bias.contiguous(), m, n, k, programs, rounds,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+            INTERPRETER_ROUNDS=0 if x.is_cuda else rounds, INTERPRETER_K=0 if x.is_cuda else k,
             num_warps=warps, num_stages=stages,
         )
         return out

@@ -80,9 +80,10 @@ class LaVieLoader:
         }, "optional": {
             "compile": ("BOOLEAN", {"default": False, "tooltip": (
                 "Run the UNet through torch.compile. On an H200 (with CUDA graphs) it no longer pays: eager calls "
-                "took 37.4-37.9 ms (base), 156.4-157.5 (interpolation) and 551-553 (VSR 8-frame chunk), compiled "
-                "ones (an earlier version) 39.8-39.9, 166-167 and 568, and each stage first compiles for 1-3 minutes, again for every "
-                "new shape (frames, size, VSR chunk) in a ComfyUI session. Needs Triton on the GPU.")}),
+                "took 37.1-37.9 ms (base), 153.2-157.5 (interpolation) and 543-553 (VSR 8-frame chunk), compiled "
+                "ones (an earlier version) 39.8-39.9, 166-167 and 568, and each stage first compiles for 1-3 "
+                "minutes, again for every new shape (frames, size, VSR chunk) in a ComfyUI session. Needs Triton "
+                "on the GPU.")}),
             "cuda_graph": ("BOOLEAN", {"default": True, "tooltip": (
                 "Replay the UNet's calls from CUDA graphs (NVIDIA GPUs): from the second step on, a call is "
                 "one launch instead of 1,000-2,500 kernel launches, so the CPU no longer holds the GPU back. "

@@ -12,9 +12,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from geglu import SHAPES  # noqa: E402
+from geglu import SHAPES, load_launcher  # noqa: E402
 
-from lavie_core import LaVieUNet, UNetConfig, blocks  # noqa: E402
+from lavie_core import LaVieUNet, UNetConfig, blocks, fused  # noqa: E402
 
 
 @pytest.mark.parametrize("kind", ["base", "interpolation", "vsr"])
@@ -34,3 +34,12 @@ def test_shapes_are_every_feed_forward_of_the_model(kind):
 def test_the_script_says_it_needs_a_gpu():
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "geglu.py")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "needs an NVIDIA GPU and Triton" in run.stderr
+
+
+def test_another_versions_launcher_loads_without_taking_over_this_versions_ops():
+    custom_op, op = torch.library.custom_op, torch.ops.lavie.geglu.default
+    launcher = load_launcher(ROOT / "lavie_core" / "fused.py")
+    assert launcher is not fused._launch_geglu and launcher.__name__ == "_launch_geglu"
+    assert "_geglu_op" not in launcher.__globals__  # the copy registered no op of its own
+    assert torch.library.custom_op is custom_op
+    assert torch.ops.lavie.geglu.default is op and str(op._schema).startswith("lavie::geglu(")

@@ -5,6 +5,7 @@ they replace on CUDA.
 On the CPU the Triton kernels run in Triton's interpreter, in a subprocess because the interpreter is
 chosen when a kernel is defined.
 """
+import collections
 import json
 import logging
 import os
@@ -518,15 +519,15 @@ def _compile(kernel, signature: dict[str, str], constants: dict, options: dict, 
     return fused.triton.compile(source, target=GPUTarget("cuda", capability, 32), options=options)
 
 
-def _compile_geglu(config: tuple[int, ...], k: int, capability: int):
+def _compile_geglu(config: tuple[int, ...], capability: int):
     block_m, block_n, block_k, group_m, warps, stages = config
     signature = {
         "x_desc": f"tensordesc<fp16[{block_m}, {block_k}]>", "w_desc": f"tensordesc<fp16[{block_n}, {block_k}]>",
         "out_desc": f"tensordesc<fp16[{block_m}, {block_n}]>", "b_ptr": "*fp16",
-        "M": "i32", "N": "i32", "programs": "i32", "rounds": "i32",
+        "M": "i32", "N": "i32", "K": "i32", "programs": "i32", "rounds": "i32",
     }
-    constants = {"K": k, "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m,
-                 "INTERPRETER_ROUNDS": 0}
+    constants = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m,
+                 "INTERPRETER_ROUNDS": 0, "INTERPRETER_K": 0}
     return _compile(fused._geglu_kernel, signature, constants, {"num_warps": warps, "num_stages": stages}, capability)
 
 
@@ -573,13 +574,12 @@ GPU_TARGETS = [
 @pytest.mark.skipif(triton_missing or fused.TensorDescriptor is None, reason="needs Triton >= 3.3")
 @pytest.mark.parametrize("capability,shared", GPU_TARGETS)
 def test_geglu_kernel_compiles_within_each_gpus_shared_memory(capability, shared):
-    # The models' narrowest and widest feed-forwards (K 320 and 1280): a configuration fits every GPU, and
-    # on Hopper the fastest one does.
-    for k in (320, 1280):
-        fitting = [c for c in fused._GEGLU_CONFIGS if _compile_geglu(c, k, capability).metadata.shared <= shared]
-        assert fitting, f"no GEGLU configuration fits sm{capability}'s {shared} bytes at K={k}"
-        if capability == 90:
-            assert fitting[0] == fused._GEGLU_CONFIGS[0]
+    # One kernel serves every model width (K is a run-time value): a configuration fits every GPU, and on
+    # Hopper the fastest one does.
+    fitting = [c for c in fused._GEGLU_CONFIGS if _compile_geglu(c, capability).metadata.shared <= shared]
+    assert fitting, f"no GEGLU configuration fits sm{capability}'s {shared} bytes"
+    if capability == 90:
+        assert fitting[0] == fused._GEGLU_CONFIGS[0]
 
 
 @pytest.mark.skipif(triton_missing or fused.TensorDescriptor is None, reason="needs Triton >= 3.3")
@@ -757,22 +757,58 @@ def test_compile_ahead_leaves_calls_off_cuda_alone():
     assert calls == []
 
 
-@pytest.mark.gpu
-@on_cuda
-@needs_async_compile
-def test_cuda_compile_ahead_leaves_nothing_to_compile_at_the_call(monkeypatch):
-    # Widths no other test uses, so every kernel specialisation is new to this process.
-    model = LaVieUNet(UNetConfig.tiny("interpolation", block_out_channels=(48, 96), norm_groups=12)).eval()
-    model = model.requires_grad_(False).to("cuda", torch.float16)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, model.config.in_channels, 5, 8, 16, generator=g).to("cuda", torch.float16)
-    t, ctx = torch.tensor([500, 500], device="cuda"), torch.randn(2, 7, 32, generator=g).to("cuda", torch.float16)
+def _compiles(monkeypatch) -> list[tuple[str, str]]:
+    """(kernel, thread) of each compilation or load of this module's kernels from now on, their in-process
+    caches emptied (restored afterwards): whatever ran before in this process, every launch shows."""
+    for kernel in vars(fused).values():
+        if isinstance(kernel, fused.triton.runtime.JITFunction):
+            monkeypatch.setattr(kernel, "device_caches", collections.defaultdict(kernel.create_binder))
     events = []
 
     def listener(*, src, metadata, metadata_group, times, cache_hit):
         events.append((src.name, threading.current_thread().name))
 
     monkeypatch.setattr(fused.triton.knobs.compilation, "listener", listener)
+    return events
+
+
+@pytest.mark.gpu
+@on_cuda
+def test_cuda_model_widths_and_row_counts_share_one_compiled_kernel(monkeypatch):
+    # Channel counts, GEGLU's width and row counts are run-time values: two widths (of the same tiles) at two
+    # row counts (one not a multiple of 16) compile each kernel once, not once per model width.
+    events = _compiles(monkeypatch)
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=torch.float16, generator=g)
+
+    for channels, rows in [(320, 4096), (480, 1000)]:
+        x, weight, bias = randn(rows, channels), randn(channels), randn(channels)
+        fused.bias_add_(x, bias, randn(rows, channels))
+        fused.layer_norm(x, weight, bias, 1e-5)
+        fused.concat_channels(x, randn(rows, channels))
+        fused.geglu(randn(1024, channels), randn(8 * channels, channels), randn(8 * channels))
+        clips = x.view(2, rows // 2, channels)
+        scale, shift = fused.group_affine(fused.channel_sums(clips), weight, bias, 32, rows // 2, 1e-5)
+        fused.scale_shift(clips, scale, shift)
+    torch.cuda.synchronize()
+    names = ["_bias_add_kernel", "_layer_norm_kernel", "_concat_channels_kernel", "_geglu_kernel",
+             "_channel_sums_kernel", "_group_affine_kernel", "_scale_shift_kernel"]
+    assert collections.Counter(name for name, _ in events) == dict.fromkeys(names, 1)
+
+
+@pytest.mark.gpu
+@on_cuda
+@needs_async_compile
+def test_cuda_compile_ahead_leaves_nothing_to_compile_at_the_call(monkeypatch):
+    # Each kernel the call launches must come through compile_ahead (from Triton's disk cache or compiled).
+    events = _compiles(monkeypatch)
+    model = LaVieUNet(UNetConfig.tiny("interpolation", block_out_channels=(48, 96), norm_groups=12)).eval()
+    model = model.requires_grad_(False).to("cuda", torch.float16)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, model.config.in_channels, 5, 8, 16, generator=g).to("cuda", torch.float16)
+    t, ctx = torch.tensor([500, 500], device="cuda"), torch.randn(2, 7, 32, generator=g).to("cuda", torch.float16)
     with torch.no_grad():
         assert fused.compile_ahead(model, x, t, ctx)
         ahead = list(events)
@@ -780,7 +816,8 @@ def test_cuda_compile_ahead_leaves_nothing_to_compile_at_the_call(monkeypatch):
         out = model(x, t, ctx)
         torch.cuda.synchronize()
     names = {name for name, _ in ahead}
-    assert {"_key_frame_attention_kernel", "_temporal_attention_kernel", "_channel_sums_kernel"} <= names
+    assert {"_key_frame_attention_kernel", "_temporal_attention_kernel", "_channel_sums_kernel",
+            "_group_affine_kernel", "_scale_shift_kernel"} <= names
     assert all(thread.startswith("lavie-compile") for _, thread in ahead)
     assert events == []
     assert torch.isfinite(out).all()
