@@ -314,8 +314,8 @@ def compile_unet(unet: nn.Module, *, backend: str = "inductor") -> nn.Module:
     new shape (frames, size, a VSR chunk, a guidance mode) compiles once more. The wrapper shares the
     UNet's parameters, so weights moved or patched in place (device offloading, LoRA) stay in use.
     Measured on an H200 (fp16, one guided call, replayed from CUDA graphs: `lavie_core.graphs`), eager
-    against compiled (an earlier version): base 37.4-37.9 -> 39.8-39.9 ms, interpolation 156.4-157.5 ->
-    166.0-167.0 ms, VSR 8-frame chunk 551-553 -> 568.4 ms: the eager path's kernels do the fusions Inductor does, and
+    against compiled (an earlier version): base 37.1-37.9 -> 39.8-39.9 ms, interpolation 153.2-157.5 ->
+    166.0-167.0 ms, VSR 8-frame chunk 543-553 -> 568.4 ms: the eager path's kernels do the fusions Inductor does, and
     compiling takes about 1 to 3 minutes per stage and shape.
     `backend` is torch.compile's (Inductor by default).
 

@@ -242,7 +242,6 @@ def test_rotary_rotates_pairs_by_position_and_keeps_the_tail():
     assert dots[1] == pytest.approx(dots2[2], abs=1e-5) and dots[0] == pytest.approx(dots2[1], abs=1e-5)
 
 
-
 def test_position_tables_are_computed_once_per_frame_count_without_gradients():
     rot, rel = RotaryEmbedding(4), RelativePositionBias(heads=2)
     cpu = torch.device("cpu")
@@ -278,6 +277,7 @@ def test_position_tables_of_a_model_loaded_under_inference_mode():
         assert rot.table(5, torch.device("cpu"))[0] is cos
     with torch.no_grad():
         assert torch.equal(rot.table(5, torch.device("cpu"))[0], cos)
+
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("groups", [2, 3])
