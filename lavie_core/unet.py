@@ -19,6 +19,7 @@ from .blocks import (
     Upsample,
     timestep_embedding,
     to_channels_last,
+    widen,
 )
 from .config import UNetConfig
 
@@ -184,7 +185,9 @@ class LaVieUNet(nn.Module):
         `context` may hold several conditionings per sample, `(n b) l c` (guidance passes uncond and cond):
         the layers before the first text attention run once on `b`, then the activations are repeated `n`
         times, and the output is `(n b) 4 f h w`. With guidance that skips the duplicate half of the
-        text-free prefix (the whole top level of the VSR UNet).
+        text-free prefix: the whole top level of the VSR UNet, and in the first spatial transformer
+        everything ahead of its first text attention (`SpatialTransformer.forward`), there the first
+        block's frame attention of the base and interpolation models.
 
         `image_frames`: the last frames are independent still images (joint image-video training); they
         bypass temporal attention. Inference leaves it at 0.
@@ -207,10 +210,11 @@ class LaVieUNet(nn.Module):
         skips = [h]
         for i, level in enumerate(self.down_blocks):
             for resnet, attn in level.layers():
-                h = resnet(h, emb)
+                bias = folded_bias(attn)
+                h = resnet(h, emb, out_bias=bias)
                 if attn is not None:
-                    h, emb = widen(h, n), widen(emb, n)
-                    h = attn(h, context, image_frames)
+                    emb = widen(emb, n)
+                    h = attn(h, context, image_frames, biased=bias is not None)  # (n b) samples out
                 skips.append(h)
             if hasattr(level, "downsamplers"):
                 h = level.downsamplers[0](h)
@@ -220,7 +224,10 @@ class LaVieUNet(nn.Module):
 
         r0, r1 = self.mid_block.resnets
         h, emb = widen(h, n), widen(emb, n)
-        h = r1(self.mid_block.attentions[0](r0(h, emb), context, image_frames), emb)
+        attn = self.mid_block.attentions[0]
+        bias = folded_bias(attn)
+        h = r0(h, emb, out_bias=bias)
+        h = r1(attn(h, context, image_frames, biased=bias is not None), emb)
         if temporal:
             h = self.mid_temporal_block(h, emb)
         return self._up(0, h, emb, context, skips, image_frames)
@@ -243,9 +250,10 @@ class LaVieUNet(nn.Module):
             level = self.up_blocks[i]
             if not (from_upsampler and i == start):
                 for resnet, attn in level.layers():
-                    h = resnet(concat_skip(h, skips.pop()), emb)
+                    bias = folded_bias(attn)
+                    h = resnet(concat_skip(h, skips.pop()), emb, out_bias=bias)
                     if attn is not None:
-                        h = attn(h, context, image_frames)
+                        h = attn(h, context, image_frames, biased=bias is not None)
             if hasattr(level, "upsamplers"):
                 if h.shape[0] > 1 and 4 * h.numel() >= SPLIT_BATCH_MIN_NUMEL:
                     return torch.cat([
@@ -265,6 +273,13 @@ class LaVieUNet(nn.Module):
 # latents) splits at its last upsampler; on an H200 its peak fell from 13.3 to 10.3 GiB compiled and from
 # 15.9 to 11.0 eager, at the same speed.
 SPLIT_BATCH_MIN_NUMEL = 2**29
+
+
+def folded_bias(attn: SpatialTransformer | None) -> torch.Tensor | None:
+    """The output bias of the transformer after a resnet, where the resnet's last kernel may add it for the
+    transformer (`SpatialTransformer.forward`'s `biased`), which then writes its output over that resnet's,
+    which nothing else reads; None where it may not."""
+    return attn.proj_out.bias if attn is not None and attn.folds_output_bias() else None
 
 
 def per_sample(value: torch.Tensor | float, batch: int, device: torch.device) -> torch.Tensor:
@@ -290,12 +305,6 @@ def concat_skip(h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
     return torch.cat([h, widen(skip, h.shape[0])], dim=1)
 
 
-def widen(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """`b ...` -> `(n b) ...`: activations of the text-free prefix become the same for every conditioning.
-    cat, unlike repeat, keeps the channels-last layout the convolutions need."""
-    return torch.cat([t] * (batch // t.shape[0])) if t.shape[0] != batch else t
-
-
 def sample(t: torch.Tensor, j: int) -> torch.Tensor:
     """Sample j of a `(n b) ...` batch from `t`, which is that batch or the `b ...` one `widen` repeats."""
     j %= t.shape[0]
@@ -314,8 +323,8 @@ def compile_unet(unet: nn.Module, *, backend: str = "inductor") -> nn.Module:
     new shape (frames, size, a VSR chunk, a guidance mode) compiles once more. The wrapper shares the
     UNet's parameters, so weights moved or patched in place (device offloading, LoRA) stay in use.
     Measured on an H200 (fp16, one guided call, replayed from CUDA graphs: `lavie_core.graphs`), eager
-    against compiled (an earlier version): base 37.1-37.9 -> 39.8-39.9 ms, interpolation 153.2-157.5 ->
-    166.0-167.0 ms, VSR 8-frame chunk 543-553 -> 568.4 ms: the eager path's kernels do the fusions Inductor does, and
+    against compiled (an earlier version): base 37.0-37.3 -> 39.8-39.9 ms, interpolation 151.3-152.9 ->
+    166.0-167.0 ms, VSR 8-frame chunk 546-548 -> 568.4 ms: the eager path's kernels do the fusions Inductor does, and
     compiling takes about 1 to 3 minutes per stage and shape.
     `backend` is torch.compile's (Inductor by default).
 

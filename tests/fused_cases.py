@@ -85,11 +85,13 @@ def norm_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.fl
 # persistent programs walk the tiles, so the cases with more tiles exercise the walk. Widths are multiples of
 # 16: Triton 3.5's interpreter asks that of a descriptor's strides in elements (the GPU, in bytes).
 GEGLU_CASES = {
-    "geglu-partial-tiles": ((37,), 48, 48, (16, 32, 32, 2, 1, 1), False),
+    "geglu-partial-tiles": ((37,), 48, 48, (16, 32, 32, 2, 1, 1, 1), False),
+    "geglu-two-programs-per-multiprocessor": ((300,), 64, 144, (16, 32, 32, 2, 1, 1, 2), False),
+    "geglu-large-product-config": ((300,), 64, 144, fused._GEGLU_CONFIGS[0], False),
     "geglu-narrow-default": ((3, 5), 32, 16, None, False),
     "geglu-wide-default": ((2, 10), 512, 48, None, False),
     "geglu-default-partial-tiles": ((300,), 64, 144, None, False),
-    "geglu-unaligned-view": ((37,), 48, 48, (16, 32, 32, 2, 1, 1), True),
+    "geglu-unaligned-view": ((37,), 48, 48, (16, 32, 32, 2, 1, 1, 1), True),
     "geglu-no-tokens": ((2, 0), 16, 8, None, False),
 }
 

@@ -520,7 +520,7 @@ def _compile(kernel, signature: dict[str, str], constants: dict, options: dict, 
 
 
 def _compile_geglu(config: tuple[int, ...], capability: int):
-    block_m, block_n, block_k, group_m, warps, stages = config
+    block_m, block_n, block_k, group_m, warps, stages, _ = config
     signature = {
         "x_desc": f"tensordesc<fp16[{block_m}, {block_k}]>", "w_desc": f"tensordesc<fp16[{block_n}, {block_k}]>",
         "out_desc": f"tensordesc<fp16[{block_m}, {block_n}]>", "b_ptr": "*fp16",
@@ -571,15 +571,33 @@ GPU_TARGETS = [
 ]
 
 
+@pytest.mark.parametrize(
+    "rows,inner,width,small",
+    [
+        (2 * 16 * 2560, 1280, 320, True), (2 * 16 * 40, 5120, 1280, True), (2 * 61 * 40, 5120, 1280, True),
+        (2 * 61 * 2560, 1280, 320, False), (2 * 61 * 160, 5120, 1280, False), (2 * 8 * 40960, 2048, 512, False),
+    ],
+    ids=["base-level-0", "base-middle", "interpolation-middle", "interpolation-level-0", "interpolation-level-2",
+         "vsr-level-1"],
+)
+def test_geglu_picks_two_programs_per_multiprocessor_for_small_products(rows, inner, width, small):
+    configs = fused._geglu_configs(rows, inner, width)
+    assert configs == (fused._GEGLU_SMALL_CONFIGS if small else fused._GEGLU_CONFIGS)
+    assert configs[0][-1] == (2 if small else 1)
+
+
 @pytest.mark.skipif(triton_missing or fused.TensorDescriptor is None, reason="needs Triton >= 3.3")
 @pytest.mark.parametrize("capability,shared", GPU_TARGETS)
 def test_geglu_kernel_compiles_within_each_gpus_shared_memory(capability, shared):
     # One kernel serves every model width (K is a run-time value): a configuration fits every GPU, and on
     # Hopper the fastest one does.
-    fitting = [c for c in fused._GEGLU_CONFIGS if _compile_geglu(c, capability).metadata.shared <= shared]
-    assert fitting, f"no GEGLU configuration fits sm{capability}'s {shared} bytes"
-    if capability == 90:
-        assert fitting[0] == fused._GEGLU_CONFIGS[0]
+    for configs in (fused._GEGLU_CONFIGS, fused._GEGLU_SMALL_CONFIGS):
+        fitting = [c for c in configs if _compile_geglu(c, capability).metadata.shared <= shared]
+        assert fitting, f"no GEGLU configuration fits sm{capability}'s {shared} bytes"
+        if capability == 90:
+            assert fitting[0] == configs[0]
+            # Programs per multiprocessor is a promise of overlap only if that many fit its shared memory.
+            assert configs[0][-1] * _compile_geglu(configs[0], capability).metadata.shared <= shared
 
 
 @pytest.mark.skipif(triton_missing or fused.TensorDescriptor is None, reason="needs Triton >= 3.3")

@@ -294,6 +294,83 @@ def test_several_contexts_per_sample_equal_the_repeated_batch(kind, groups):
     assert not torch.allclose(shared[:2], shared[2:4], atol=1e-3)  # the contexts still matter
 
 
+def first_transformer(model: LaVieUNet) -> blocks.SpatialTransformer:
+    return next(m for m in model.modules() if isinstance(m, blocks.SpatialTransformer))
+
+
+@pytest.mark.parametrize(
+    "kind,frame_attention_rows", [("base", "b f"), ("interpolation", "b f"), ("vsr", "n b f")],
+    ids=["base-self-attention", "interpolation-sparse-causal", "vsr-text-attention"],
+)
+def test_first_transformer_runs_its_text_free_layers_once_per_video(kind, frame_attention_rows):
+    """With two texts per video, the first transformer's norm and projection in, and a frame attention that
+    does not read the text, see each video once; the text attention sees both conditionings."""
+    model = tiny_model(kind)
+    x, t, _, noise = inputs(model, 2, 3, 8, 8)
+    ctx = torch.randn(4, 7, model.config.cross_attention_dim)
+    transformer = first_transformer(model)
+    block = transformer.transformer_blocks[0]
+    rows = {}
+
+    def record(name):
+        def hook(module, args):
+            rows.setdefault(name, args[0].shape[0])
+        return hook
+
+    for name, module in [("norm", transformer.norm), ("norm1", block.norm1), ("norm2", block.norm2)]:
+        module.register_forward_pre_hook(record(name))
+    with torch.no_grad():
+        model(x, t, ctx, noise)
+    b, n, f = 2, 2, 3
+    assert rows == {"norm": b * f, "norm1": {"b f": b * f, "n b f": n * b * f}[frame_attention_rows], "norm2": n * b * f}
+
+
+@pytest.mark.parametrize("kind", ["base", "interpolation"])
+@pytest.mark.parametrize("texts", [1, 2], ids=["one-text", "two-texts"])
+def test_transformer_takes_input_with_its_output_bias_added_and_overwrites_it(kind, texts):
+    model = tiny_model(kind).use_channels_last()
+    transformer = first_transformer(model)
+    c = transformer.proj_out.weight.shape[0]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, c, 3, 4, 6, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    ctx = torch.randn(2 * texts, 7, model.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        assert transformer.folds_output_bias()
+        want = transformer(x, ctx)
+        biased = x + transformer.proj_out.bias.view(1, c, 1, 1, 1)
+        got = transformer(biased, ctx, biased=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # One text: the output is written over the input; two: over the repeated residual, not the input.
+    assert (got.data_ptr() == biased.data_ptr()) == (texts == 1)
+
+
+def test_transformer_refuses_biased_input_where_it_cannot_fold_the_bias():
+    model = tiny_model("vsr")
+    transformer = first_transformer(model)  # a temporal resblock reads the input before the norm
+    x = torch.randn(1, transformer.proj_out.weight.shape[0], 2, 4, 4)
+    with torch.no_grad(), pytest.raises(ValueError, match="biased input needs .*no temporal resblock"):
+        transformer(x, torch.randn(1, 7, model.config.cross_attention_dim), biased=True)
+
+
+def test_transformer_rejects_a_context_batch_that_is_not_a_multiple_of_the_videos():
+    model = tiny_model("base")
+    transformer = first_transformer(model)
+    x = torch.randn(2, transformer.proj_out.weight.shape[0], 2, 4, 4)
+    with torch.no_grad(), pytest.raises(ValueError, match="context holds 3 samples, not a multiple of the video's 2"):
+        transformer(x, torch.randn(3, 7, model.config.cross_attention_dim))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_resnet_output_bias_is_added_exactly(kind):
+    model = tiny_model(kind)
+    resnet = model.down_blocks[1].resnets[0]
+    c_in, c_out = resnet.norm1.num_channels, resnet.conv2.out_channels
+    x, temb = torch.randn(1, c_in, 2, 4, 4), torch.randn(1, resnet.time_emb_proj.in_features)
+    extra = torch.randn(c_out)
+    with torch.no_grad():
+        torch.testing.assert_close(resnet(x, temb, out_bias=extra), resnet(x, temb) + extra.view(1, -1, 1, 1, 1))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_large_upper_levels_run_one_sample_at_a_time_with_the_same_result(kind, monkeypatch):
     model = tiny_model(kind)
