@@ -197,7 +197,9 @@ class ResnetBlock(nn.Module):
         h = self.conv1(self.norm1(x, silu=True), bias=False)
         h = self.norm2(h, silu=True, offset=self.time_emb_proj(F.silu(temb)) + self.conv1.bias)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        bias = True if out_bias is None else out_bias if self.conv2.bias is None else self.conv2.bias + out_bias
+        bias = True
+        if out_bias is not None:
+            bias = out_bias if self.conv2.bias is None else self.conv2.bias + out_bias
         return self.conv2(h, residual=skip, bias=bias)
 
 
@@ -842,12 +844,11 @@ class SpatialTransformer(nn.Module):
         weight = self.proj_out.weight.flatten(1)  # a Linear's, or a 1x1 convolution's: a matmul of the rows
         if biased:
             residual = widen(residual, h.shape[0])
-            rows = fused.channels_last_rows(residual)
-            if rows is not None:
-                add_product_(rows, h, weight)
-                return residual
-        out = rearrange(F.linear(h, weight, None if biased else self.proj_out.bias), "n (h w) c -> n c h w", h=height)
         rows = fused.channels_last_rows(residual)
+        if biased and rows is not None:
+            add_product_(rows, h, weight)
+            return residual
+        out = rearrange(F.linear(h, weight, None if biased else self.proj_out.bias), "n (h w) c -> n c h w", h=height)
         if rows is None:
             return out + widen(residual, out.shape[0])
         # Each conditioning's output is a block of rows: the shared residual is added to each in place, so

@@ -278,7 +278,9 @@ SPLIT_BATCH_MIN_NUMEL = 2**29
 def folded_bias(attn: SpatialTransformer | None) -> torch.Tensor | None:
     """The output bias of the transformer after a resnet, where the resnet's last kernel may add it for the
     transformer (`SpatialTransformer.forward`'s `biased`), which then writes its output over that resnet's,
-    which nothing else reads; None where it may not."""
+    which nothing else reads; None where it may not. The UNet calls the two itself rather than through one
+    helper: a helper's caller would keep the resnet's input alive while the transformer runs (traced VSR
+    peak +0.62 GiB)."""
     return attn.proj_out.bias if attn is not None and attn.folds_output_bias() else None
 
 
