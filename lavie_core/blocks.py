@@ -41,7 +41,8 @@ FOLD_OFFSET_MIN_NUMEL = 2**25
 
 
 def group_norm(
-    x: torch.Tensor, norm: nn.GroupNorm, *, silu: bool = False, offset: torch.Tensor | None = None
+    x: torch.Tensor, norm: nn.GroupNorm, *, silu: bool = False, offset: torch.Tensor | None = None,
+    channel_offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GroupNorm (then SiLU if asked) that keeps the channels-last layout the network runs in.
 
@@ -52,7 +53,8 @@ def group_norm(
     arithmetic) a third turns the sums into the scale and shift.
 
     offset: `b c`, normalise `x + offset` (a resnet's time embedding) without writing that sum: the
-    per-channel sums and the shift absorb it, which saves a pass over the video.
+    per-channel sums and the shift absorb it, which saves a pass over the video. channel_offset: `c`, a
+    further offset shared by the samples (a bias), absorbed the same way.
     """
     b, c, g = x.shape[0], x.shape[1], norm.num_groups
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -63,6 +65,9 @@ def group_norm(
     # Eagerly one kernel turns the sums into the scale and shift, the offset folded at no cost: torch's
     # arithmetic for it is about fifteen launches of a few microseconds, per GroupNorm.
     affine_kernel = kernels and not compiling and norm.affine
+    if channel_offset is not None and not affine_kernel:
+        channel_offset = channel_offset.view(1, c)
+        offset, channel_offset = (channel_offset.expand(b, c) if offset is None else offset + channel_offset), None
     if offset is not None and not affine_kernel and x.numel() < FOLD_OFFSET_MIN_NUMEL:
         x, offset = x + offset.view(b, c, *[1] * (x.ndim - 2)), None
     rows = x.movedim(1, -1).reshape(b, -1, c)  # a view when x is channels-last
@@ -70,11 +75,16 @@ def group_norm(
         # Both kernels read rows in memory order. A video that is not channels-last (a concatenation of
         # one-frame videos, whose layout torch cannot tell) is copied here once, not by each kernel.
         rows = rows.contiguous()
-        sums = fused.channel_sums(rows)
+        # The affine kernel adds up the partial sums itself.
+        sums = fused.channel_sums(rows, partial=True) if affine_kernel else fused.channel_sums(rows)
     else:
         sums = torch.stack([rows.sum(1, dtype=acc), torch.linalg.vector_norm(rows, 2, dim=1, dtype=acc).square()], 1)
-    affine = fused.group_affine if affine_kernel else _group_affine
-    scale, shift = affine(sums, norm.weight, norm.bias, g, rows.shape[1], norm.eps, offset=offset)
+    if affine_kernel:
+        scale, shift = fused.group_affine(
+            sums, norm.weight, norm.bias, g, rows.shape[1], norm.eps, offset=offset, channel_offset=channel_offset
+        )
+    else:
+        scale, shift = _group_affine(sums, norm.weight, norm.bias, g, rows.shape[1], norm.eps, offset=offset)
     if kernels:
         out = fused.scale_shift(rows, scale, shift, silu=silu)
     else:
@@ -108,8 +118,11 @@ def _group_affine(
 class VideoGroupNorm(nn.GroupNorm):
     """nn.GroupNorm (same parameters and keys) computed without leaving the channels-last layout."""
 
-    def forward(self, x: torch.Tensor, *, silu: bool = False, offset: torch.Tensor | None = None) -> torch.Tensor:
-        return group_norm(x, self, silu=silu, offset=offset)
+    def forward(
+        self, x: torch.Tensor, *, silu: bool = False, offset: torch.Tensor | None = None,
+        channel_offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return group_norm(x, self, silu=silu, offset=offset, channel_offset=channel_offset)
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -134,13 +147,17 @@ def _pointwise(conv: nn.Conv2d | nn.Conv3d) -> bool:
     return one and conv.groups == 1 and not any(padding)
 
 
+def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return a if b is None else a + b
+
+
 def conv(
     module: nn.Conv2d | nn.Conv3d, x: torch.Tensor, *, residual: torch.Tensor | None = None,
-    bias: bool | torch.Tensor = True,
+    bias: bool = True, extra_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`module(x) + residual`, in the layout of x (`n c h w` or `b c f h w`); `bias=False` leaves out the
-    module's bias, for callers that fold it into the next layer, and a tensor replaces it (a bias with the
-    next layer's folded in).
+    module's bias, for callers that fold it into the next layer, and `extra_bias` adds a second one (the next
+    layer's, folded in).
 
     cuDNN writes a convolution without its bias, and torch adds it to a channels-last tensor through its
     broadcasting kernel, at under a third of the card's bandwidth (eager VSR call on an H200: 102 ms of
@@ -148,19 +165,21 @@ def conv(
     cuBLAS's epilogue; on NVIDIA GPUs outside `torch.compile` (which fuses the bias itself) other
     convolutions get the bias, and the residual, in one pass (`fused.bias_add_`).
     """
-    b = bias if isinstance(bias, torch.Tensor) else module.bias if bias else None
+    b, extra = module.bias if bias else None, extra_bias
+    if b is None:
+        b, extra = extra, None
     rows = fused.channels_last_rows(x) if _pointwise(module) else None
     if rows is not None:
-        y = F.linear(rows, module.weight.flatten(1), b)
+        y = F.linear(rows, module.weight.flatten(1), _plus(b, extra))
         y = y.view(*x.movedim(1, -1).shape[:-1], -1).movedim(-1, 1)
         return y if residual is None else y.add_(residual)
     if b is not None and fused.eager_kernels_usable(x):
         y = module._conv_forward(x, module.weight, None)
         if fused.bias_add_fits(y, residual):
-            return fused.bias_add_(y, b, residual)
-        y = y.add_(b.view(-1, *[1] * (y.ndim - 2)))  # in place, as torch adds a convolution's bias
+            return fused.bias_add_(y, b, residual, extra=extra)
+        y = y.add_(_plus(b, extra).view(-1, *[1] * (y.ndim - 2)))  # in place, as torch adds a convolution's bias
     else:
-        y = module._conv_forward(x, module.weight, b)
+        y = module._conv_forward(x, module.weight, _plus(b, extra))
     # The residual first: the sum takes its layout (a CPU Conv3d returns its output in the default one).
     return y if residual is None else residual + y
 
@@ -169,18 +188,23 @@ class FrameConv2d(nn.Conv2d):
     """A 2-D convolution applied to every frame (weights are plain Conv2d tensors)."""
 
     def forward(
-        self, x: torch.Tensor, *, residual: torch.Tensor | None = None, bias: bool | torch.Tensor = True
+        self, x: torch.Tensor, *, residual: torch.Tensor | None = None, bias: bool = True,
+        extra_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`conv(self, ...)` per frame of `b c f h w` videos."""
         f = x.shape[2]
         frames = rearrange(x, "b c f h w -> (b f) c h w")
         if residual is not None:
             residual = rearrange(residual, "b c f h w -> (b f) c h w")
-        return rearrange(conv(self, frames, residual=residual, bias=bias), "(b f) c h w -> b c f h w", f=f)
+        out = conv(self, frames, residual=residual, bias=bias, extra_bias=extra_bias)
+        return rearrange(out, "(b f) c h w -> b c f h w", f=f)
 
 
 class ResnetBlock(nn.Module):
-    """SD resnet block on video. GroupNorm sees the 5-D tensor, so its statistics span all frames."""
+    """SD resnet block on video. GroupNorm sees the 5-D tensor, so its statistics span all frames.
+
+    It takes the SiLU of the time embedding, which the UNet computes once for all its blocks (the official
+    blocks each apply it to the same embedding)."""
 
     def __init__(self, in_channels: int, out_channels: int, temb_dim: int, groups: int, eps: float):
         super().__init__()
@@ -191,16 +215,14 @@ class ResnetBlock(nn.Module):
         self.conv2 = FrameConv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = FrameConv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, *, out_bias: torch.Tensor | None = None) -> torch.Tensor:
-        """out_bias: `c`, added to the output by the last kernel, at no cost (the next layer's bias, folded)."""
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, *, out_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """emb: `silu(time embedding)`, `b d`. out_bias: `c`, added to the output by the last kernel, at no
+        cost (the next layer's bias, folded)."""
         # conv1's bias joins the time embedding in norm2's offset, which its sums absorb: no pass adds it.
         h = self.conv1(self.norm1(x, silu=True), bias=False)
-        h = self.norm2(h, silu=True, offset=self.time_emb_proj(F.silu(temb)) + self.conv1.bias)
+        h = self.norm2(h, silu=True, offset=self.time_emb_proj(emb), channel_offset=self.conv1.bias)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        bias = True
-        if out_bias is not None:
-            bias = out_bias if self.conv2.bias is None else self.conv2.bias + out_bias
-        return self.conv2(h, residual=skip, bias=bias)
+        return self.conv2(h, residual=skip, extra_bias=out_bias)
 
 
 class TemporalConvBlock(nn.Module):
@@ -214,12 +236,13 @@ class TemporalConvBlock(nn.Module):
         self.norm2 = VideoGroupNorm(groups, channels, eps=eps)
         self.conv2 = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """emb: `silu(time embedding)`, as `ResnetBlock` takes it."""
         h = conv(self.conv1, self.norm1(x, silu=True), bias=False)
-        offset = self.conv1.bias.expand(x.shape[0], -1)  # as in ResnetBlock: folded into norm2
-        if self.time_emb_proj is not None:
-            offset = offset + self.time_emb_proj(F.silu(temb))
-        return conv(self.conv2, self.norm2(h, silu=True, offset=offset), residual=x)
+        offset = self.time_emb_proj(emb) if self.time_emb_proj is not None else None
+        # As in ResnetBlock: conv1's bias folded into norm2.
+        h = self.norm2(h, silu=True, offset=offset, channel_offset=self.conv1.bias)
+        return conv(self.conv2, h, residual=x)
 
 
 class TemporalModule(nn.Module):
@@ -233,8 +256,9 @@ class TemporalModule(nn.Module):
         nn.init.zeros_(self.shift_conv.weight)
         nn.init.zeros_(self.shift_conv.bias)
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        return self.shift_conv(self.resblocks_3d_s(self.resblocks_3d_t(x, temb), temb), residual=x)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """emb: `silu(time embedding)`, as `ResnetBlock` takes it."""
+        return self.shift_conv(self.resblocks_3d_s(self.resblocks_3d_t(x, emb), emb), residual=x)
 
 
 class Downsample(nn.Module):
@@ -508,7 +532,9 @@ class RelativePositionBias(nn.Module):
         return offset + torch.where(n < max_exact, n, large)
 
     def forward(self, frames: int, device: torch.device) -> torch.Tensor:
-        return rearrange(self.relative_attention_bias(self.buckets(frames, device)), "i j h -> h i j")
+        """The `h f f` bias, gathered straight into that layout (one kernel; the fused temporal attention reads
+        it as it is, in the weights' dtype)."""
+        return self.relative_attention_bias.weight.t()[:, self.buckets(frames, device)]
 
 
 class TemporalAttention(Attention):
@@ -823,11 +849,12 @@ class SpatialTransformer(nn.Module):
         if hasattr(self, "resblock_temporal"):
             x = self.resblock_temporal(x)
         residual = rearrange(x, "b c f h w -> (b f) c h w")
-        offset = -self.proj_out.bias.expand(residual.shape[0], -1) if biased else None
-        h = self.norm(residual, offset=offset)
-        if all(block.folds_biases(h, f, image_frames) for block in self.transformer_blocks):
-            h = self._blocks_folded(h, context, f)
+        if all(block.folds_biases(residual, f, image_frames) for block in self.transformer_blocks):
+            offsets, stream_bias, norm_offset = self._stream_biases(residual, biased)
+            h = self.norm(residual, channel_offset=norm_offset)
+            h = self._blocks_folded(h, context, f, offsets, stream_bias)
         else:
+            h = self.norm(residual, channel_offset=-self.proj_out.bias if biased else None)
             if self.linear_projection:
                 h = self.proj_in(rearrange(h, "n c h w -> n (h w) c"))
             else:
@@ -856,16 +883,32 @@ class SpatialTransformer(nn.Module):
         fused.channels_last_rows(out).view(-1, *rows.shape).add_(rows)
         return out
 
-    def _blocks_folded(self, h: torch.Tensor, context: torch.Tensor, frames: int) -> torch.Tensor:
-        """Projection in and the blocks on one stream (`TransformerBlock.forward`'s `offsets`): the projection's
-        bias also adds every branch's bias ahead of time, and each LayerNorm takes off what is not yet due."""
-        biases = torch.stack([b for block in self.transformer_blocks for b in block.residual_biases()]).float()
+    def _stream_biases(
+        self, x: torch.Tensor, biased: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """For `_blocks_folded`: the blocks' offsets (float32 `blocks 4 c`), the projection in's bias, which
+        also adds every branch's bias ahead of time, in x's dtype, and, for biased input, the norm's offset
+        (`-proj_out.bias`). On NVIDIA GPUs outside `torch.compile`, one kernel (`fused.stream_biases`)."""
+        biases = [b for block in self.transformer_blocks for b in block.residual_biases()]
+        out_bias = self.proj_out.bias if biased else None
+        if len(biases) == 4 and fused.eager_kernels_usable(x):
+            offsets, bias, norm_offset = fused.stream_biases(biases, self.proj_in.bias, out_bias, x.dtype)
+            return offsets.unsqueeze(0), bias, norm_offset
+        biases = torch.stack(biases).float()
         due = biases.cumsum(0)
         total = due[-1]
         offsets = (due - biases - total).view(len(self.transformer_blocks), 4, -1)
         bias = total if self.proj_in.bias is None else self.proj_in.bias.float() + total
+        return offsets, bias.to(x.dtype), None if out_bias is None else -out_bias
+
+    def _blocks_folded(
+        self, h: torch.Tensor, context: torch.Tensor, frames: int, offsets: torch.Tensor, bias: torch.Tensor
+    ) -> torch.Tensor:
+        """Projection in and the blocks on one stream (`TransformerBlock.forward`'s `offsets`): the projection's
+        `bias` (`_stream_biases`) also adds every branch's bias ahead of time, and each LayerNorm takes off
+        what is not yet due."""
         # Either projection (a Linear or a 1x1 convolution) is a matmul of the channels-last rows.
-        stream = F.linear(rearrange(h, "n c h w -> n (h w) c"), self.proj_in.weight.flatten(1), bias.to(h.dtype))
+        stream = F.linear(rearrange(h, "n c h w -> n (h w) c"), self.proj_in.weight.flatten(1), bias)
         for block, block_offsets in zip(self.transformer_blocks, offsets):
             stream = block(stream, context, frames, offsets=block_offsets)
         return stream

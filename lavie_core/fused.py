@@ -5,13 +5,15 @@ a chain of small, memory-bound kernels (pixel grouping, head split, rotary on q 
 tiles, bias, softmax, p v, head merge, frame grouping), each reading and writing the whole activation.
 The Triton kernel here reads q, k and v once, straight from the projections' `b f l (h d)` layout (the
 spatial layers' `(b f) l c` viewed per frame), and writes the output in that layout, so the video never
-changes layout around the temporal layer. Each program computes one pixel and head: scores and the
-weighted sum are two tensor-core dots of `frames x head_dim` tiles (padded to 16), softmax in float32.
+changes layout around the temporal layer. Each program computes one pixel and a few neighbouring heads in
+turn (their channels share cache lines): per head, scores and the weighted sum are two tensor-core dots of
+`frames x head_dim` tiles (padded to 16), softmax in float32.
 
 GroupNorm on a channels-last video is `channel_sums` (per-channel float32 sums and sums of squares, one
 read) and `scale_shift` (normalisation and the SiLU that follows it, one read and one write);
-`blocks.group_norm` turns the sums into the scale and shift, eagerly with `group_affine` (one program per
-sample, instead of torch's dozen or so tiny launches).
+`blocks.group_norm` turns the sums into the scale and shift, eagerly with `group_affine`, which also adds up
+the sums kernel's per-program partial sums (a few programs per sample, instead of torch's reduction and its
+dozen or so tiny launches).
 
 Key-frame attention is flash attention where each frame's tokens attend to the tokens of a few chosen
 frames of their clip (the interpolation model's sparse causal attention: frames 0 and i-1), read in place,
@@ -27,8 +29,8 @@ does not fit the GPU's shared memory falls back to smaller tiles (`_launch_fitti
 Outside `torch.compile`, which fuses such passes itself, bandwidth-bound kernels replace torch's slower
 ones: a convolution's bias (and the residual after it) added in place, LayerNorm (optionally of
 `x + offset`), the channel concatenation of a skip connection, and, for an upsampling convolution, the
-folding of its 3x3 weights into four output phases' 2x2 ones and the interleaving of those phases
-(`eager_kernels_usable` says where).
+folding of its 3x3 weights into four output phases' 2x2 ones and the interleaving of those phases, and a
+transformer stream's bias arithmetic (`stream_biases`; `eager_kernels_usable` says where).
 
 The kernels that compiled calls use are torch custom ops, so `torch.compile` keeps each as one kernel; the
 eager-only ones are launched directly. None has a backward: training and CPU inference take the torch
@@ -39,10 +41,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Callable, Hashable, Iterator
+from typing import Callable, Hashable, Iterator, Sequence
 
 import torch
 
@@ -61,6 +64,7 @@ __all__ = [
     "temporal_attention", "key_frame_attention", "channel_sums", "scale_shift", "geglu", "bias_add_",
     "channels_last_rows", "layer_norm", "concat_channels", "eager_kernels_usable", "bias_add_fits",
     "concat_channels_fits", "geglu_fits", "upsample_phases", "upsample_phases_fits", "upsample_weight", "group_affine",
+    "stream_biases",
     "MAX_FRAMES", "compile_ahead",
 ]
 
@@ -143,7 +147,8 @@ def compile_ahead(fn: Callable[..., object], *args: object, key: Hashable | None
     Triton compiles a kernel the first time it launches with new constants, one after another: on an H200
     host whose Triton cache was empty, the 93 kernel variants the cascade then launched took 24.7-26.6 s; on
     16 threads, 4.9-5.4 s (Triton's MLIR passes hold Python's lock, so threads help less than processes
-    would). Kernels take channel counts at run time, so the cascade now launches 37. Here `fn` runs
+    would). Kernels take channel counts at run time, so the cascade now launches 48 (29, 9, 8 and 2 in the
+    four compile-ahead calls of one cascade on a fresh machine). Here `fn` runs
     once with every kernel launch replaced by its compilation (cuBLAS and cuDNN work runs as usual, on
     outputs of no meaning), then waits for the compiles. Kernels in Triton's disk cache only load. A `key`
     seen before (a model and input signature) returns at once: compiled kernels stay for the life of the
@@ -214,25 +219,22 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, out_ptr, cos_ptr, sin_ptr, bias_ptr,
         tokens,
         stride_qb, stride_qf, stride_ql, stride_kb, stride_kf, stride_kl,
-        stride_vb, stride_vf, stride_vl, stride_ob, stride_of, stride_ol,
+        stride_vb, stride_vf, stride_vl, stride_ob, stride_of, stride_ol, stride_bh, stride_bi, stride_bj,
         scale,
         FRAMES: tl.constexpr, FRAMES_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-        ROTARY_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+        ROTARY_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # One program: one pixel of one clip (a row), one head, every frame, as two small tensor-core dots.
-        # On an H200 this measured fastest, ahead of programs of several pixels.
-        row, head = tl.program_id(0), tl.program_id(1)
+        # One program: one pixel of one clip (a row), HEADS_PER_PROGRAM neighbouring heads one after another,
+        # every frame, as two small tensor-core dots per head.
+        row, head_block = tl.program_id(0), tl.program_id(1)
         # 64-bit offsets, since a video can pass 2^31 elements.
         clip, token = (row // tokens).to(tl.int64), (row % tokens).to(tl.int64)
         frame = tl.arange(0, FRAMES_PAD)
         d = tl.arange(0, HEAD_DIM_PAD)
-        channel = head * HEAD_DIM + d
         frame_ok = frame < FRAMES
         mask = frame_ok[:, None] & (d < HEAD_DIM)[None, :]
         q_row, k_row = clip * stride_qb + token * stride_ql, clip * stride_kb + token * stride_kl
-        q = _frame_tile(q_ptr, q_row, frame, stride_qf, channel, mask)
-        k = _frame_tile(k_ptr, k_row, frame, stride_kf, channel, mask)
-        v = _frame_tile(v_ptr, clip * stride_vb + token * stride_vl, frame, stride_vf, channel, mask)
+        v_row, o_row = clip * stride_vb + token * stride_vl, clip * stride_ob + token * stride_ol
         if ROTARY_DIM > 0:
             # Channel pairs (2i, 2i+1) share an angle: split each tile into its even and odd channels.
             pair = tl.arange(0, HEAD_DIM_PAD // 2)
@@ -240,19 +242,25 @@ if triton is not None:
             table_mask = frame_ok[:, None] & (2 * pair < ROTARY_DIM)[None, :]
             cos = tl.load(cos_ptr + table, mask=table_mask, other=1.0)
             sin = tl.load(sin_ptr + table, mask=table_mask, other=0.0)
-            q = _rotate_pairs(q, cos, sin).to(v.dtype)
-            k = _rotate_pairs(k, cos, sin).to(v.dtype)
-
-        # Scores and softmax in float32; the weights meet v in its dtype, as in flash attention.
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        if HAS_BIAS:
-            entry = (head * FRAMES + frame[:, None]) * FRAMES + frame[None, :]
-            scores += tl.load(bias_ptr + entry, mask=frame_ok[:, None] & frame_ok[None, :], other=0.0)
-        scores = tl.where(frame_ok[None, :], scores, float("-inf"))
-        weights = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-        out = tl.dot(weights.to(v.dtype), v, input_precision=PRECISION) / tl.sum(weights, axis=1)[:, None]
-        o_row = clip * stride_ob + token * stride_ol
-        tl.store(out_ptr + o_row + frame[:, None] * stride_of + channel[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+        for i in tl.static_range(HEADS_PER_PROGRAM):
+            head = head_block * HEADS_PER_PROGRAM + i
+            channel = head * HEAD_DIM + d
+            q = _frame_tile(q_ptr, q_row, frame, stride_qf, channel, mask)
+            k = _frame_tile(k_ptr, k_row, frame, stride_kf, channel, mask)
+            v = _frame_tile(v_ptr, v_row, frame, stride_vf, channel, mask)
+            if ROTARY_DIM > 0:
+                q = _rotate_pairs(q, cos, sin).to(v.dtype)
+                k = _rotate_pairs(k, cos, sin).to(v.dtype)
+            # Scores and softmax in float32; the weights meet v in its dtype, as in flash attention.
+            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            if HAS_BIAS:
+                # Read through its strides in its dtype: the relative position embedding's lookup, as it comes.
+                entry = head * stride_bh + frame[:, None] * stride_bi + frame[None, :] * stride_bj
+                scores += tl.load(bias_ptr + entry, mask=frame_ok[:, None] & frame_ok[None, :], other=0.0).to(tl.float32)
+            scores = tl.where(frame_ok[None, :], scores, float("-inf"))
+            weights = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+            out = tl.dot(weights.to(v.dtype), v, input_precision=PRECISION) / tl.sum(weights, axis=1)[:, None]
+            tl.store(out_ptr + o_row + frame[:, None] * stride_of + channel[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
     @triton.jit
@@ -388,23 +396,39 @@ if triton is not None:
         tl.store(out, total, mask=col_ok)
         tl.store(out + channels, squares, mask=col_ok)
 
-    @triton.jit(do_not_specialize=["rows", "channels", "groups", "group"])
+    @triton.jit(do_not_specialize=["rows", "channels", "groups", "group", "splits"])
     def _group_affine_kernel(
-        sums_ptr, offset_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, rows, eps, channels, groups, group,
-        GROUPS_PAD: tl.constexpr, GROUP_PAD: tl.constexpr, OFFSET: tl.constexpr,
+        sums_ptr, offset_ptr, channel_offset_ptr, weight_ptr, bias_ptr, scale_ptr, shift_ptr, rows, eps, channels,
+        groups, group, splits,
+        GROUP_BLOCK: tl.constexpr, GROUP_PAD: tl.constexpr, SPLIT_BLOCK: tl.constexpr, OFFSET: tl.constexpr,
+        CHANNEL_OFFSET: tl.constexpr, INTERPRETER_SPLITS: tl.constexpr,
     ):
-        # One program per sample holds its channels as `groups x channels per group`, so each group's
-        # statistics are one row reduction.
+        # A program holds GROUP_BLOCK groups of one sample as `groups x channels per group`, so each group's
+        # statistics are one row reduction. The sums arrive as `splits` partial sums (`_channel_sums_kernel`'s
+        # programs along the rows), added up here SPLIT_BLOCK at a time (loads in flight together: one at a
+        # time, the loop's latency made this kernel 3.5x slower) rather than by a kernel of their own. The
+        # interpreter takes only constant loop bounds: there the count is INTERPRETER_SPLITS (0 on GPUs).
         sample = tl.program_id(0).to(tl.int64)
-        g = tl.arange(0, GROUPS_PAD)
+        g = tl.program_id(1) * GROUP_BLOCK + tl.arange(0, GROUP_BLOCK)
         j = tl.arange(0, GROUP_PAD)
         mask = (g < groups)[:, None] & (j < group)[None, :]
         cols = g[:, None] * group + j[None, :]
-        total = tl.load(sums_ptr + sample * 2 * channels + cols, mask=mask, other=0.0)
-        squares = tl.load(sums_ptr + (sample * 2 + 1) * channels + cols, mask=mask, other=0.0)
+        total = tl.zeros((GROUP_BLOCK, GROUP_PAD), tl.float32)
+        squares = tl.zeros((GROUP_BLOCK, GROUP_PAD), tl.float32)
+        parts = sums_ptr + sample * splits * 2 * channels + cols[None, :, :]
+        for s0 in range(0, INTERPRETER_SPLITS if INTERPRETER_SPLITS else splits, SPLIT_BLOCK):
+            split = s0 + tl.arange(0, SPLIT_BLOCK)
+            ok = (split < splits)[:, None, None] & mask[None, :, :]
+            at = parts + (split * 2 * channels)[:, None, None]
+            total += tl.sum(tl.load(at, mask=ok, other=0.0), 0)
+            squares += tl.sum(tl.load(at + channels, mask=ok, other=0.0), 0)
         m = rows.to(tl.float32)
-        if OFFSET:
-            t = tl.load(offset_ptr + sample * channels + cols, mask=mask, other=0.0).to(tl.float32)
+        if OFFSET or CHANNEL_OFFSET:
+            t = tl.zeros((GROUP_BLOCK, GROUP_PAD), tl.float32)
+            if OFFSET:
+                t += tl.load(offset_ptr + sample * channels + cols, mask=mask, other=0.0).to(tl.float32)
+            if CHANNEL_OFFSET:
+                t += tl.load(channel_offset_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             squares += t * (2 * total + m * t)
             total += m * t
         n = m * group
@@ -414,10 +438,32 @@ if triton is not None:
         bias = tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         scale = (1.0 / tl.sqrt(var + eps))[:, None] * weight
         shift = bias - mean[:, None] * scale
-        if OFFSET:
+        if OFFSET or CHANNEL_OFFSET:
             shift += t * scale
         tl.store(scale_ptr + sample * channels + cols, scale, mask=mask)
         tl.store(shift_ptr + sample * channels + cols, shift, mask=mask)
+
+    @triton.jit
+    def _stream_biases_kernel(
+        b0_ptr, b1_ptr, b2_ptr, b3_ptr, in_ptr, out_ptr, offsets_ptr, stream_ptr, norm_ptr, channels,
+        HAS_IN: tl.constexpr, HAS_OUT: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        # Suffix sums of the four branch biases, in float32: branch k's norm takes off what is not yet due.
+        c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = c < channels
+        s3 = tl.load(b3_ptr + c, mask=ok, other=0.0).to(tl.float32)
+        s2 = s3 + tl.load(b2_ptr + c, mask=ok, other=0.0).to(tl.float32)
+        s1 = s2 + tl.load(b1_ptr + c, mask=ok, other=0.0).to(tl.float32)
+        s0 = s1 + tl.load(b0_ptr + c, mask=ok, other=0.0).to(tl.float32)
+        tl.store(offsets_ptr + c, -s0, mask=ok)
+        tl.store(offsets_ptr + channels + c, -s1, mask=ok)
+        tl.store(offsets_ptr + 2 * channels + c, -s2, mask=ok)
+        tl.store(offsets_ptr + 3 * channels + c, -s3, mask=ok)
+        if HAS_IN:
+            s0 += tl.load(in_ptr + c, mask=ok, other=0.0).to(tl.float32)
+        tl.store(stream_ptr + c, s0.to(stream_ptr.dtype.element_ty), mask=ok)
+        if HAS_OUT:
+            tl.store(norm_ptr + c, -tl.load(out_ptr + c, mask=ok, other=0.0).to(tl.float32), mask=ok)
 
     @triton.jit(do_not_specialize=["rows"])
     def _scale_shift_kernel(
@@ -451,13 +497,16 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["rows"])
     def _bias_add_kernel(
-        x_ptr, bias_ptr, residual_ptr, rows, channels,
-        RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        x_ptr, bias_ptr, extra_ptr, residual_ptr, rows, channels,
+        EXTRA: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         r, cols, col_ok, mask = _row_block(rows, channels, BLOCK_R, BLOCK_C)
         offsets = r.to(tl.int64)[:, None] * channels + cols[None, :]
         y = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        y += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        b = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if EXTRA:
+            b += tl.load(extra_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y += b[None, :]
         if RESIDUAL:
             y += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         tl.store(x_ptr + offsets, y.to(x_ptr.dtype.element_ty), mask=mask)
@@ -630,35 +679,56 @@ def _sum_launch(clips: int, rows: int, channels: int, multiprocessors: int) -> t
     return max(block_r, triton.next_power_of_2(triton.cdiv(rows, wanted))), block_r, block_c, warps
 
 
-def _launch_channel_sums(x: torch.Tensor) -> torch.Tensor:
+def _launch_channel_sums(x: torch.Tensor, partial: bool = False) -> torch.Tensor:
     x = x.contiguous()  # a view of a channels-last video already is
     clips, rows, channels = x.shape
     rows_per_program, block_r, block_c, warps = _sum_launch(clips, rows, channels, _multiprocessors(x.device))
     splits = triton.cdiv(rows, rows_per_program)
-    # Per-split partial sums, added up by torch: deterministic, unlike atomics.
-    partial = torch.empty((clips, splits, 2, channels), device=x.device, dtype=torch.float32)
+    # Per-split partial sums, added up by torch or `group_affine`: deterministic, unlike atomics.
+    out = torch.empty((clips, splits, 2, channels), device=x.device, dtype=torch.float32)
     _run(_channel_sums_kernel, (splits, clips, triton.cdiv(channels, block_c)),
-        x, partial, rows, channels, rows_per_program,
+        x, out, rows, channels, rows_per_program,
         BLOCK_R=block_r, BLOCK_C=block_c, INTERPRETER_ROWS=0 if x.is_cuda else rows_per_program, num_warps=warps,
     )
-    return partial.sum(1)
+    return out if partial else out.sum(1)
 
 
 def _launch_group_affine(
     sums: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, rows: int, eps: float,
-    offset: torch.Tensor | None,
+    offset: torch.Tensor | None, channel_offset: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    samples, _, channels = sums.shape
+    samples, splits, _, channels = sums.shape
     scale = torch.empty((samples, channels), device=sums.device, dtype=torch.float32)
     shift = torch.empty_like(scale)
     group = channels // groups
-    _run(_group_affine_kernel, (samples,),
-        sums.contiguous(), scale if offset is None else offset.contiguous(), weight.contiguous(), bias.contiguous(),
-        scale, shift, rows, eps, channels, groups, group,
-        GROUPS_PAD=triton.next_power_of_2(groups), GROUP_PAD=triton.next_power_of_2(group), OFFSET=offset is not None,
-        num_warps=4,
+    group_pad = triton.next_power_of_2(group)
+    # About 128 channels (whole groups) and 16 splits per step: 2048 values in flight on 4 warps.
+    group_block = max(1, 128 // group_pad)
+    _run(_group_affine_kernel, (samples, triton.cdiv(groups, group_block)),
+        sums.contiguous(), scale if offset is None else offset.contiguous(),
+        scale if channel_offset is None else channel_offset.contiguous(), weight.contiguous(), bias.contiguous(),
+        scale, shift, rows, eps, channels, groups, group, splits,
+        GROUP_BLOCK=group_block, GROUP_PAD=group_pad, SPLIT_BLOCK=16, OFFSET=offset is not None,
+        CHANNEL_OFFSET=channel_offset is not None, INTERPRETER_SPLITS=0 if sums.is_cuda else splits, num_warps=4,
     )
     return scale, shift
+
+
+def _launch_stream_biases(
+    biases: Sequence[torch.Tensor], in_bias: torch.Tensor | None, out_bias: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    channels = biases[0].shape[0]
+    device = biases[0].device
+    offsets = torch.empty((4, channels), device=device, dtype=torch.float32)
+    stream = torch.empty(channels, device=device, dtype=dtype)
+    norm = torch.empty(channels, device=device, dtype=torch.float32) if out_bias is not None else None
+    block = min(1024, triton.next_power_of_2(channels))
+    _run(_stream_biases_kernel, (triton.cdiv(channels, block),),
+        *(b.contiguous() for b in biases), offsets if in_bias is None else in_bias.contiguous(),
+        offsets if out_bias is None else out_bias.contiguous(), offsets, stream, offsets if norm is None else norm,
+        channels, HAS_IN=in_bias is not None, HAS_OUT=out_bias is not None, BLOCK=block, num_warps=4,
+    )
+    return offsets, stream, norm
 
 
 def _row_tiles(channels: int, widest: int) -> tuple[int, int]:
@@ -680,12 +750,15 @@ def _launch_scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
     return out
 
 
-def _launch_bias_add(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None) -> None:
+def _launch_bias_add(
+    x: torch.Tensor, bias: torch.Tensor, extra: torch.Tensor | None, residual: torch.Tensor | None
+) -> None:
     rows, channels = x.shape
     block_r, block_c = _row_tiles(channels, 256)
+    bias = bias.contiguous()
     _run(_bias_add_kernel, (triton.cdiv(rows, block_r), triton.cdiv(channels, block_c)),
-        x, bias.contiguous(), x if residual is None else residual, rows, channels,
-        RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        x, bias, bias if extra is None else extra.contiguous(), x if residual is None else residual, rows, channels,
+        EXTRA=extra is not None, RESIDUAL=residual is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
 
 
@@ -703,12 +776,21 @@ def _launch_layer_norm(
 ) -> torch.Tensor:
     rows, channels = x.shape
     out = torch.empty((rows, channels), device=x.device, dtype=x.dtype)
-    block_r, block_c = _row_tiles(channels, triton.next_power_of_2(channels))  # a whole row per program
+    block_r, block_c, warps = _layer_norm_tiles(channels)
     _run(_layer_norm_kernel, (triton.cdiv(rows, block_r),),
         x, weight.contiguous(), bias.contiguous(), weight if offset is None else offset.contiguous(), out, rows,
-        x.stride(0), eps, channels, OFFSET=offset is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        x.stride(0), eps, channels, OFFSET=offset is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
     )
     return out
+
+
+def _layer_norm_tiles(channels: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) of `layer_norm`: whole rows, two per program from 512 channels on (padded),
+    and a warp per 512. Fastest measured on an H200 (fp16, graph-replayed; 1-32 rows, 1-8 warps): 320
+    channels 33.4 -> 29.6 us for 81,920 rows and 117.3 -> 101.7 us for 312,320, against 8 rows on 4 warps;
+    640 and 1280 channels within 1-4% of that."""
+    block_c = triton.next_power_of_2(channels)
+    return max(2, 1024 // block_c), block_c, max(1, min(4, block_c // 512))
 
 
 def _launch_upsample_phases(y: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, height: int, width: int) -> None:
@@ -891,27 +973,42 @@ def _launch(
     q, k, v = (_unit_stride(t) for t in (q, k, v))
     out = torch.empty(q.shape, device=q.device, dtype=v.dtype)
     rotary_dim = 0 if cos is None else cos.shape[1]
-    constants, options = _temporal_launch(frames, head_dim, rotary_dim, bias is not None, v.dtype)
+    constants, options = _temporal_launch(frames, head_dim, rotary_dim, bias is not None, v.dtype, heads)
     dummy = q.new_empty(0, dtype=torch.float32)
-    _run(_temporal_attention_kernel, (clips * tokens, heads),
+    _run(_temporal_attention_kernel, (clips * tokens, heads // constants["HEADS_PER_PROGRAM"]),
         q, k, v, out,
         dummy if cos is None else cos, dummy if sin is None else sin, dummy if bias is None else bias,
         tokens, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        head_dim**-0.5, **constants, **options,
+        *(bias.stride() if bias is not None else (0, 0, 0)), head_dim**-0.5, **constants, **options,
     )
     return out
 
 
-def _temporal_launch(frames: int, head_dim: int, rotary_dim: int, has_bias: bool, dtype: torch.dtype) -> tuple[dict, dict]:
+def _temporal_launch(
+    frames: int, head_dim: int, rotary_dim: int, has_bias: bool, dtype: torch.dtype, heads: int = 1
+) -> tuple[dict, dict]:
     """The temporal attention kernel's compile-time constants and its launch options (warps) for one call."""
     # Tensor-core dots need at least 16 rows, columns and depth: padding is masked, never read or written.
     frames_pad = max(16, triton.next_power_of_2(frames))
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
+    per_program = math.gcd(heads, _temporal_heads_per_program(frames_pad, head_dim, head_dim_pad))
     constants = dict(
         FRAMES=frames, FRAMES_PAD=frames_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, ROTARY_DIM=rotary_dim,
-        HAS_BIAS=has_bias, PRECISION=_dot_precision(dtype),
+        HAS_BIAS=has_bias, HEADS_PER_PROGRAM=per_program, PRECISION=_dot_precision(dtype),
     )
     return constants, dict(num_warps=_temporal_warps(frames_pad, head_dim_pad))
+
+
+def _temporal_heads_per_program(frames_pad: int, head_dim: int, head_dim_pad: int) -> int:
+    """How many neighbouring heads of a pixel one program takes in turn (the launch uses the largest divisor
+    of the head count up to it): their channels share cache lines, which one program then reads whole.
+    Fastest measured on an H200 (fp16, CUDA graphs, 1, 2, 4 or 8 heads): heads of 40 or 64 channels, 4 (base
+    model's 40-wide heads over 16 frames: 2), 137 -> 118 us at the base model's top level, 506 -> 328 us at
+    the interpolation model's, 354 -> 314 us at the VSR model's second; 80-wide heads 2 (interpolation
+    140 -> 125 us, base unchanged); 160-wide heads 1 (2 was 1.1-1.7x slower)."""
+    if head_dim_pad <= 64:
+        return 2 if frames_pad <= 16 and head_dim < head_dim_pad else 4
+    return 2 if head_dim_pad <= 128 else 1
 
 
 def _temporal_warps(frames_pad: int, head_dim_pad: int) -> int:
@@ -1021,38 +1118,77 @@ def _check_rows(name: str, x: torch.Tensor, *per_channel: torch.Tensor) -> None:
         _require_kernels(name)
 
 
-def channel_sums(x: torch.Tensor) -> torch.Tensor:
+def channel_sums(x: torch.Tensor, *, partial: bool = False) -> torch.Tensor:
     """Per-channel sum and sum of squares over the rows of `b n c`, in float32: `b 2 c`.
 
     GroupNorm statistics from one read of a half-precision video, without a float32 copy; a group's
     statistics are then sums over its channels.
+
+    partial: the kernel's per-program partial sums `b s 2 c` instead (their sum over s is the result), which
+    `group_affine` adds up itself: the sum is then no kernel of its own. Outside `torch.compile` only.
     """
     _check_rows("channel_sums", x)
-    # On meta tensors the result's shape, and the copy the kernel makes of rows not in memory order: a trace
-    # counts it.
-    return _channel_sums_shape(x.contiguous()) if x.is_meta else _channel_sums_op(x)
+    if x.is_meta:
+        # The result's shape, and the copy the kernel makes of rows not in memory order: a trace counts it.
+        sums = _channel_sums_shape(x.contiguous())
+        return sums.unsqueeze(1) if partial else sums
+    if partial:
+        return _launch_channel_sums(x, partial=True)
+    return _channel_sums_op(x)
 
 
 def group_affine(
     sums: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, rows: int, eps: float,
-    *, offset: torch.Tensor | None = None,
+    *, offset: torch.Tensor | None = None, channel_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GroupNorm's float32 `b c` scale and shift from `channel_sums` of `rows` rows per sample, in one kernel:
-    `x * scale + shift` normalises x with its groups' statistics and applies weight and bias.
+    """GroupNorm's float32 `b c` scale and shift from `channel_sums` of `rows` rows per sample (`b 2 c`, or
+    its partial sums `b s 2 c`), in one kernel: `x * scale + shift` normalises x with its groups' statistics
+    and applies weight and bias.
 
-    offset: `b c`, statistics of `x + offset` (the sums are of x), and a shift that applies to x. Torch's
-    arithmetic for this is about fifteen kernels of a few microseconds each, per GroupNorm.
+    offset: `b c`, and channel_offset: `c`, statistics of `x + offset + channel_offset` (the sums are of x),
+    and a shift that applies to x. Torch's arithmetic for this is about fifteen kernels of a few
+    microseconds each, per GroupNorm.
     """
-    if sums.ndim != 3 or sums.shape[1] != 2 or sums.shape[2] % groups:
-        raise ValueError(f"group_affine takes `b 2 c` sums with c a multiple of {groups} groups, got {tuple(sums.shape)}")
-    samples, _, channels = sums.shape
-    for name, t, shape in (("weight", weight, (channels,)), ("bias", bias, (channels,)), ("offset", offset, (samples, channels))):
+    parts = sums if sums.ndim == 4 else sums.unsqueeze(1)
+    if parts.ndim != 4 or parts.shape[2] != 2 or parts.shape[3] % groups:
+        raise ValueError(
+            f"group_affine takes `b 2 c` sums or `b s 2 c` partial sums with c a multiple of {groups} groups, "
+            f"got {tuple(sums.shape)}"
+        )
+    samples, channels = parts.shape[0], parts.shape[3]
+    for name, t, shape in (("weight", weight, (channels,)), ("bias", bias, (channels,)), ("offset", offset, (samples, channels)),
+                           ("channel_offset", channel_offset, (channels,))):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"group_affine: {name} must be shaped {shape}, got {tuple(t.shape)}")
     if sums.is_meta:
         return tuple(torch.empty((samples, channels), device=sums.device, dtype=torch.float32) for _ in range(2))
     _require_kernels("group_affine")
-    return _launch_group_affine(sums, weight, bias, groups, rows, eps, offset)
+    return _launch_group_affine(parts, weight, bias, groups, rows, eps, offset, channel_offset)
+
+
+def stream_biases(
+    biases: Sequence[torch.Tensor], in_bias: torch.Tensor | None, out_bias: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The bias arithmetic of a transformer block run as one residual stream (`blocks.SpatialTransformer`),
+    in one kernel instead of about eight of torch's per transformer.
+
+    biases: the four residual branches' output biases, `c` each, in the order they are added. Returns float32
+    `4 c` offsets, row k being -(biases[k] + ... + biases[3]) (what branch k's norm takes off); the stream's
+    starting bias `in_bias + sum(biases)` in `dtype`; and, given `out_bias`, float32 `-out_bias` (None
+    otherwise). Sums in float32.
+    """
+    if len(biases) != 4:
+        raise ValueError(f"stream_biases takes the 4 residual branches' biases, got {len(biases)}")
+    channels = biases[0].shape[0]
+    for t in (*biases, in_bias, out_bias):
+        if t is not None and tuple(t.shape) != (channels,):
+            raise ValueError(f"stream_biases: every bias must be shaped ({channels},), got {tuple(t.shape)}")
+    if biases[0].is_meta:
+        f32 = dict(device=biases[0].device, dtype=torch.float32)
+        return (torch.empty(4, channels, **f32), torch.empty(channels, device=biases[0].device, dtype=dtype),
+                None if out_bias is None else torch.empty(channels, **f32))
+    _require_kernels("stream_biases")
+    return _launch_stream_biases(biases, in_bias, out_bias, dtype)
 
 
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, silu: bool = False) -> torch.Tensor:
@@ -1080,8 +1216,11 @@ def bias_add_fits(x: torch.Tensor, residual: torch.Tensor | None = None) -> bool
     return channels_last_rows(x) is not None and _same_rows(x, residual)
 
 
-def bias_add_(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """`x += bias` per channel (dim 1), then `+= residual`, in place, in one pass; returns x.
+def bias_add_(
+    x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None = None, *, extra: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`x += bias` per channel (dim 1), then `+= residual`, in place, in one pass; returns x. `extra`: a
+    second `c` bias added with the first (the next layer's, folded), at no cost.
 
     For a convolution's output, which cuDNN writes without its bias: torch then adds the bias to a
     channels-last tensor with its broadcasting kernel, at under a third of the card's bandwidth (H200). x and
@@ -1089,13 +1228,14 @@ def bias_add_(x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor | None
     rounded once.
     """
     rows = channels_last_rows(x)
-    if rows is None or tuple(bias.shape) != (x.shape[1],):
-        raise ValueError(f"bias_add_ takes a channels-last x and a ({x.shape[1]},) bias, got {tuple(bias.shape)}")
+    for name, t in (("bias", bias), ("extra bias", extra)):
+        if rows is None or t is not None and tuple(t.shape) != (x.shape[1],):
+            raise ValueError(f"bias_add_ takes a channels-last x and a ({x.shape[1]},) {name}, got {tuple(t.shape)}")
     if not _same_rows(x, residual):
         raise ValueError(f"bias_add_: the residual must be a channels-last {tuple(x.shape)}, got {tuple(residual.shape)}")
     if not x.is_meta:
         _require_kernels("bias_add_")
-        _launch_bias_add(rows, bias, None if residual is None else channels_last_rows(residual))
+        _launch_bias_add(rows, bias, extra, None if residual is None else channels_last_rows(residual))
     return x
 
 
@@ -1249,7 +1389,8 @@ def temporal_attention(
     attends over its frames f) or `n f (h d)` (rows n); the output has the input's shape.
 
     `rotary`: float32 `(cos, sin)` tables `f r` applied to the first r channels of every head of q and k
-    (interleaved pairs). `bias`: float32 `h f f` added to the scores.
+    (interleaved pairs). `bias`: `h f f` added to the scores, of any float dtype and strides (read in place,
+    summed in float32).
     """
     if q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k and v must share one shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -1266,7 +1407,8 @@ def temporal_attention(
             raise ValueError(f"rotary tables must be shaped ({frames}, even r <= {channels // heads}), got {tuple(cos.shape)}")
     else:
         cos = sin = None
-    bias = None if bias is None else bias.float().contiguous()
+    if bias is not None and not bias.is_floating_point():
+        raise ValueError(f"bias must be floating point, got {bias.dtype}")
     if q.is_meta:
         return _attention_shape(q, v)
     _require_kernels("temporal_attention")

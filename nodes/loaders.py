@@ -80,7 +80,7 @@ class LaVieLoader:
         }, "optional": {
             "compile": ("BOOLEAN", {"default": False, "tooltip": (
                 "Run the UNet through torch.compile. On an H200 (with CUDA graphs) it no longer pays: eager calls "
-                "took 37.0-37.3 ms (base), 151.3-152.9 (interpolation) and 546-548 (VSR 8-frame chunk), compiled "
+                "took 36.2-36.4 ms (base), 151.4-151.9 (interpolation) and 545-546 (VSR 8-frame chunk), compiled "
                 "ones (an earlier version) 39.8-39.9, 166-167 and 568, and each stage first compiles for 1-3 "
                 "minutes, again for every new shape (frames, size, VSR chunk) in a ComfyUI session. Needs Triton "
                 "on the GPU.")}),

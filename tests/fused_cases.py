@@ -1,5 +1,6 @@
 """Fused kernels against plain torch, case by case (temporal and key-frame attention, GroupNorm passes, GEGLU,
-bias add, LayerNorm, channel concatenation, upsampling phases and weights); prints one JSON line per case.
+bias add, LayerNorm, channel concatenation, upsampling phases and weights, a transformer stream's biases);
+prints one JSON line per case.
 
 Run as a script (tests/test_fused.py does, with TRITON_INTERPRET=1 on the CPU) or imported on CUDA.
 """
@@ -14,7 +15,8 @@ from einops import rearrange
 from lavie_core import blocks, fused
 
 # id: (rows, tokens, frames, heads, head_dim, rotary_dim, bias). tokens None: `n f c` rows; otherwise
-# `rows` clips of `tokens` pixels, laid out `(b f) l c` as the spatial layers leave them.
+# `rows` clips of `tokens` pixels, laid out `(b f) l c` as the spatial layers leave them. bias "lookup": the
+# `h f f` view of an `f f h` table in the activation dtype, as the relative position embedding returns it.
 CASES = {
     "vsr-8-frames-rotary-bias": (5, None, 8, 2, 64, 32, True),
     "base-16-frames-head-40": (3, None, 16, 2, 40, 32, True),
@@ -27,6 +29,8 @@ CASES = {
     "many-rows-one-frame": (37, None, 1, 2, 8, 8, True),
     "video-layout-2-clips": (2, 5, 8, 2, 64, 32, True),
     "video-layout-odd-tokens": (3, 7, 6, 2, 16, 8, False),
+    "bias-strided-lookup": (3, None, 9, 2, 16, 8, "lookup"),
+    "four-heads-per-program": (2, 3, 8, 4, 16, 8, True),
 }
 
 
@@ -38,12 +42,15 @@ def max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32
     if tokens is not None:
         q, k, v = (t.unflatten(0, (rows, frames)) for t in (q, k, v))
     bias = torch.randn(heads, frames, frames, generator=g).to(device) if with_bias else None
+    if with_bias == "lookup":
+        bias = bias.permute(1, 2, 0).contiguous().to(dtype).permute(2, 0, 1)
+        assert not bias.is_contiguous()
     rotary = blocks.RotaryEmbedding(rotary_dim).to(device) if rotary_dim else None
     grouped = "b f l (h d) -> (b l) h f d" if tokens is not None else "n f (h d) -> n h f d"
     qh, kh, vh = (rearrange(t.float(), grouped, h=heads) for t in (q, k, v))
     if rotary is not None:
         qh, kh = rotary.rotate(qh), rotary.rotate(kh)
-    expected = blocks.short_sequence_attention(qh, kh, vh, bias)
+    expected = blocks.short_sequence_attention(qh, kh, vh, None if bias is None else bias.float())
     ungrouped = "(b l) h f d -> b f l (h d)" if tokens is not None else "n h f d -> n f (h d)"
     expected = rearrange(expected, ungrouped, **({"l": tokens} if tokens is not None else {}))
     table = rotary.table(frames, q.device) if rotary is not None else None
@@ -69,7 +76,10 @@ def norm_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.fl
     x = (torch.randn(clips, 2 * rows if sliced else rows, channels, generator=g) * 3 + 1).to(device, dtype)[:, :rows]
     scale, shift = (torch.randn(clips, channels, generator=g).to(device) for _ in range(2))
     sums = fused.channel_sums(x)
+    partial = fused.channel_sums(x, partial=True)
     expected_sums = torch.stack([x.float().sum(1), x.float().square().sum(1)], dim=1)
+    assert partial.ndim == 4 and partial.shape[0] == clips and partial.shape[2:] == (2, channels)
+    torch.testing.assert_close(partial.sum(1), sums, rtol=0, atol=0)
     out = fused.scale_shift(x, scale, shift, silu=silu)
     expected = x.float() * scale[:, None] + shift[:, None]
     expected = torch.nn.functional.silu(expected) if silu else expected
@@ -157,26 +167,30 @@ def key_frame_max_error(case: str, device: str = "cpu", dtype: torch.dtype = tor
     return (out.float() - expected).abs().max().item()
 
 
-# A convolution's bias (and residual) added in place. id: (shape `n c ...`, residual); stored channels-last.
-# 4 channels (the output convolution) and 320 (two column blocks, the second partial) cover the edges.
+# A convolution's bias (and residual) added in place. id: (shape `n c ...`, residual, extra bias); stored
+# channels-last. 4 channels (the output convolution) and 320 (two column blocks, the second partial) cover
+# the edges.
 BIAS_CASES = {
-    "bias-frames-residual": ((6, 40, 5, 7), True),
-    "bias-video-5d": ((2, 24, 3, 5, 4), False),
-    "bias-four-channels-residual": ((3, 4, 9, 11), True),
-    "bias-wide-channels": ((2, 320, 3, 3), False),
+    "bias-frames-residual": ((6, 40, 5, 7), True, False),
+    "bias-video-5d": ((2, 24, 3, 5, 4), False, False),
+    "bias-four-channels-residual": ((3, 4, 9, 11), True, False),
+    "bias-wide-channels": ((2, 320, 3, 3), False, False),
+    "bias-extra-residual": ((3, 320, 3, 5), True, True),
 }
 
 
 def bias_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
     """Error relative to the magnitude (at least 1) against float32 sums of the same inputs."""
-    shape, with_residual = BIAS_CASES[case]
+    shape, with_residual, with_extra = BIAS_CASES[case]
     fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
     g = torch.Generator().manual_seed(0)
     x, residual = (torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=fmt) for _ in range(2))
-    bias = torch.randn(shape[1], generator=g).to(device, dtype)
-    expected = x.float() + bias.float().view(-1, *[1] * (len(shape) - 2))
+    bias, extra = (torch.randn(shape[1], generator=g).to(device, dtype) for _ in range(2))
+    extra = extra if with_extra else None
+    total = bias.float() if extra is None else bias.float() + extra.float()
+    expected = x.float() + total.view(-1, *[1] * (len(shape) - 2))
     expected = expected + residual.float() if with_residual else expected
-    out = fused.bias_add_(x, bias, residual if with_residual else None)
+    out = fused.bias_add_(x, bias, residual if with_residual else None, extra=extra)
     assert out is x and out.is_contiguous(memory_format=fmt)
     return ((out.float() - expected).abs() / expected.abs().clamp(min=1)).max().item()
 
@@ -255,28 +269,60 @@ def phases_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.
     return (out.float() - expected).abs().max().item()
 
 
-# GroupNorm's scale and shift from per-channel sums. id: (samples, rows, channels, groups, offset): 10 and 6
-# channels per group leave masked columns, 5 groups a masked row of groups.
+# GroupNorm's scale and shift from per-channel sums. id: (samples, rows, channels, groups, offset, channel
+# offset, splits): 10 and 6 channels per group leave masked columns, 5 groups a masked row of groups; splits
+# > 1 passes `b s 2 c` partial sums (over s row ranges), 0 the `b 2 c` sums.
 GROUP_AFFINE_CASES = {
-    "group-affine-320-offset": (2, 7, 320, 32, True),
-    "group-affine-five-groups": (3, 5, 30, 5, False),
-    "group-affine-1280-offset": (1, 4, 1280, 32, True),
+    "group-affine-320-offset": (2, 7, 320, 32, True, False, 0),
+    "group-affine-five-groups": (3, 5, 30, 5, False, False, 0),
+    "group-affine-1280-offset": (1, 4, 1280, 32, True, False, 0),
+    "group-affine-partial-sums-both-offsets": (2, 23, 320, 32, True, True, 20),
+    "group-affine-one-split-channel-offset": (3, 5, 30, 5, False, True, 1),
 }
 
 
 def group_affine_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
     """`x * scale + shift` against torch's GroupNorm of `x + offset`, relative to the magnitude (at least 1)."""
-    samples, rows, channels, groups, with_offset = GROUP_AFFINE_CASES[case]
+    samples, rows, channels, groups, with_offset, with_channel_offset, splits = GROUP_AFFINE_CASES[case]
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(samples, rows, channels, generator=g) * 2 + 0.5).to(device, dtype)
     weight, bias = (torch.randn(channels, generator=g).to(device, dtype) for _ in range(2))
     offset = torch.randn(samples, channels, generator=g).to(device, dtype) if with_offset else None
+    channel_offset = torch.randn(channels, generator=g).to(device, dtype) if with_channel_offset else None
     shifted = x.float() if offset is None else x.float() + offset.float()[:, None]
+    shifted = shifted if channel_offset is None else shifted + channel_offset.float()
     expected = torch.nn.functional.group_norm(shifted.transpose(1, 2), groups, weight.float(), bias.float(), 1e-5)
-    sums = torch.stack([x.double().sum(1), x.double().square().sum(1)], dim=1).float()
-    scale, shift = fused.group_affine(sums, weight, bias, groups, rows, 1e-5, offset=offset)
+    if splits:
+        parts = x.double().tensor_split(splits, dim=1)
+        sums = torch.stack([torch.stack([p.sum(1), p.square().sum(1)], dim=1) for p in parts], dim=1).float()
+    else:
+        sums = torch.stack([x.double().sum(1), x.double().square().sum(1)], dim=1).float()
+    scale, shift = fused.group_affine(sums, weight, bias, groups, rows, 1e-5, offset=offset, channel_offset=channel_offset)
     out = (x.float() * scale[:, None] + shift[:, None]).transpose(1, 2)
     return ((out - expected).abs() / expected.abs().clamp(min=1)).max().item()
+
+
+# A transformer stream's bias arithmetic. id: (channels, projection-in bias, output bias): 40 channels leave
+# masked columns of the one block, 1280 fill two.
+STREAM_BIAS_CASES = {
+    "stream-biases-both": (40, True, True),
+    "stream-biases-none": (1280, False, False),
+}
+
+
+def stream_biases_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Against float64 sums of the same biases, relative to the magnitude (at least 1)."""
+    channels, with_in, with_out = STREAM_BIAS_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    biases = [torch.randn(channels, generator=g).to(device, dtype) for _ in range(4)]
+    in_bias, out_bias = (torch.randn(channels, generator=g).to(device, dtype) if on else None for on in (with_in, with_out))
+    offsets, stream, norm = fused.stream_biases(biases, in_bias, out_bias, dtype)
+    b = torch.stack([t.double() for t in biases])
+    suffix = b.flip(0).cumsum(0).flip(0)
+    want_stream = suffix[0] + (0 if in_bias is None else in_bias.double())
+    assert offsets.dtype == torch.float32 and stream.dtype == dtype and (norm is None) == (out_bias is None)
+    pairs = [(offsets, -suffix), (stream, want_stream)] + ([] if norm is None else [(norm, -out_bias.double())])
+    return max(((got.double() - want).abs() / want.abs().clamp(min=1)).max().item() for got, want in pairs)
 
 
 # An upsampling convolution's 3x3 kernel folded into its four phases' 2x2 kernels. id: (out, in channels,
@@ -306,7 +352,7 @@ ERRORS = {
         (CASES, max_error), (NORM_CASES, norm_max_error), (GEGLU_CASES, geglu_max_error),
         (KEY_FRAME_CASES, key_frame_max_error), (BIAS_CASES, bias_max_error), (LAYER_NORM_CASES, layer_norm_max_error),
         (CONCAT_CASES, concat_max_error), (PHASES_CASES, phases_max_error), (GROUP_AFFINE_CASES, group_affine_max_error),
-        (UPSAMPLE_WEIGHT_CASES, upsample_weight_max_error),
+        (UPSAMPLE_WEIGHT_CASES, upsample_weight_max_error), (STREAM_BIAS_CASES, stream_biases_max_error),
     )
     for case in cases
 }

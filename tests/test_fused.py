@@ -19,7 +19,8 @@ import torch
 from einops import rearrange
 
 from fused_cases import (
-    ALL_CASES, BIAS_CASES, GEGLU_CASES, GROUP_AFFINE_CASES, LAYER_NORM_CASES, NORM_CASES, UPSAMPLE_WEIGHT_CASES, case_error,
+    ALL_CASES, BIAS_CASES, GEGLU_CASES, GROUP_AFFINE_CASES, LAYER_NORM_CASES, NORM_CASES, STREAM_BIAS_CASES,
+    UPSAMPLE_WEIGHT_CASES, case_error,
 )
 from lavie_core import LaVieUNet, UNetConfig, blocks, fused
 
@@ -65,7 +66,8 @@ def test_cuda_kernels_match_torch(case):
     # The norms', the bias add's and the weight fold's errors are relative to the magnitude; attention's is
     # absolute on outputs of order 1.
     relative = any(
-        case in cases for cases in (NORM_CASES, BIAS_CASES, LAYER_NORM_CASES, GROUP_AFFINE_CASES, UPSAMPLE_WEIGHT_CASES)
+        case in cases
+        for cases in (NORM_CASES, BIAS_CASES, LAYER_NORM_CASES, GROUP_AFFINE_CASES, UPSAMPLE_WEIGHT_CASES, STREAM_BIAS_CASES)
     )
     assert case_error(case, "cuda", torch.float16) < (1e-3 if relative else 2e-2)
 
@@ -154,7 +156,32 @@ def test_cuda_sdpa_on_video_tokens_equals_pixel_grouped(monkeypatch, dtype, max_
         ),
         pytest.param(
             lambda: fused.group_affine(torch.zeros(2, 2, 30), torch.zeros(30), torch.zeros(30), 4, 5, 1e-5),
-            r"`b 2 c` sums with c a multiple of 4 groups, got \(2, 2, 30\)", id="group-affine-groups",
+            r"`b 2 c` sums or `b s 2 c` partial sums with c a multiple of 4 groups, got \(2, 2, 30\)",
+            id="group-affine-groups",
+        ),
+        pytest.param(
+            lambda: fused.group_affine(torch.zeros(2, 3, 1, 32), torch.zeros(32), torch.zeros(32), 4, 5, 1e-5),
+            r"partial sums with c a multiple of 4 groups, got \(2, 3, 1, 32\)", id="group-affine-partial-shape",
+        ),
+        pytest.param(
+            lambda: fused.group_affine(
+                torch.zeros(2, 2, 32), torch.zeros(32), torch.zeros(32), 4, 5, 1e-5, channel_offset=torch.zeros(2, 32)
+            ),
+            r"channel_offset must be shaped \(32,\), got \(2, 32\)", id="group-affine-channel-offset",
+        ),
+        pytest.param(
+            lambda: fused.stream_biases([torch.zeros(8)] * 3, None, None, torch.float16),
+            "takes the 4 residual branches' biases, got 3", id="stream-biases-count",
+        ),
+        pytest.param(
+            lambda: fused.stream_biases([torch.zeros(8)] * 4, torch.zeros(6), None, torch.float16),
+            r"every bias must be shaped \(8,\), got \(6,\)", id="stream-biases-shape",
+        ),
+        pytest.param(
+            lambda: fused.bias_add_(
+                torch.zeros(2, 3, 4, 4).to(memory_format=torch.channels_last), torch.zeros(3), extra=torch.zeros(2)
+            ),
+            r"a \(3,\) extra bias, got \(2,\)", id="bias-extra-shape",
         ),
         pytest.param(
             lambda: fused.upsample_weight(torch.zeros(4, 3, 2, 2)),
@@ -401,18 +428,21 @@ def test_attention_kernels_count_the_flops_of_the_sdpa_they_replace(keys):
 
 @pytest.mark.gpu
 @on_cuda
+@pytest.mark.parametrize("extra", [False, True], ids=["bias", "bias-and-extra"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-def test_cuda_conv_adds_bias_and_residual_in_one_pass(monkeypatch, dtype):
+def test_cuda_conv_adds_bias_and_residual_in_one_pass(monkeypatch, dtype, extra):
     calls = []
     bias_add = fused.bias_add_
-    monkeypatch.setattr(fused, "bias_add_", lambda *args: calls.append(args[0].shape) or bias_add(*args))
+    monkeypatch.setattr(fused, "bias_add_", lambda *args, **kwargs: calls.append(args[0].shape) or bias_add(*args, **kwargs))
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(64, 48, 3, padding=1).cuda().to(dtype).to(memory_format=torch.channels_last)
     x = torch.randn(4, 64, 16, 16, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
     residual = torch.randn(4, 48, 16, 16, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    extra_bias = torch.randn(48, device="cuda", dtype=dtype) if extra else None
     with torch.no_grad():
-        got = blocks.conv(conv, x, residual=residual)
+        got = blocks.conv(conv, x, residual=residual, extra_bias=extra_bias)
         want = conv(x).float() + residual.float()
+        want = want if extra_bias is None else want + extra_bias.float().view(-1, 1, 1)
     assert calls == [(4, 48, 16, 16)] and got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got.float(), want, rtol=1e-3 if dtype == torch.float16 else 1e-5, atol=1e-2 if dtype == torch.float16 else 1e-4)
 
@@ -470,28 +500,35 @@ def test_upsample_conv_interleaves_phases_with_the_kernel_eagerly(monkeypatch, g
     assert calls == (["fold"] * (not grad and not compiling) + [(2, 24, 4, 6)] * expected)
 
 
-@pytest.mark.parametrize("compiling,expected", [(False, ["sums", "affine", "scale_shift"]), (True, ["sums", "scale_shift"])],
-                         ids=["eager", "compiling"])
+@pytest.mark.parametrize(
+    "compiling,expected",
+    [(False, ["partial sums", "affine", "scale_shift"]), (True, ["sums", "scale_shift"])], ids=["eager", "compiling"],
+)
 def test_group_norm_turns_sums_into_scale_and_shift_with_a_kernel_eagerly(monkeypatch, compiling, expected):
-    """Eagerly the scale and shift come from `fused.group_affine` (the offset folded in); under torch.compile
-    from torch's arithmetic, which Inductor fuses. Kernels replaced by recorders (runs without a GPU)."""
+    """Eagerly the scale and shift come from `fused.group_affine`, which adds up the partial sums itself and
+    folds both offsets in; under torch.compile from torch's arithmetic, which Inductor fuses. Kernels replaced
+    by recorders (runs without a GPU)."""
     calls = []
     monkeypatch.setattr(fused, "kernels_usable", lambda t: True)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     monkeypatch.setattr(blocks, "COMPILED_NORM_KERNEL_MIN_NUMEL", 0)
-    monkeypatch.setattr(fused, "channel_sums", lambda rows: calls.append("sums") or torch.ones(rows.shape[0], 2, rows.shape[2]))
 
-    def affine(sums, weight, bias, groups, rows, eps, *, offset=None):
+    def sums(rows, *, partial=False):
+        calls.append("partial sums" if partial else "sums")
+        return torch.ones(rows.shape[0], *[3] * partial, 2, rows.shape[2])
+
+    def affine(sums, weight, bias, groups, rows, eps, *, offset=None, channel_offset=None):
         calls.append("affine")
-        assert (groups, rows, offset is not None) == (8, 3 * 4 * 5, True)
+        assert (groups, rows, offset is not None, channel_offset is not None) == (8, 3 * 4 * 5, True, True)
         return torch.ones(2, 64), torch.zeros(2, 64)
 
+    monkeypatch.setattr(fused, "channel_sums", sums)
     monkeypatch.setattr(fused, "group_affine", affine)
     monkeypatch.setattr(fused, "scale_shift", lambda rows, *_, silu: calls.append("scale_shift") or rows)
     norm = blocks.VideoGroupNorm(8, 64)
     x = torch.randn(2, 64, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
-        norm(x, silu=True, offset=torch.randn(2, 64))
+        norm(x, silu=True, offset=torch.randn(2, 64), channel_offset=torch.randn(64))
     assert calls == expected
 
 
@@ -550,13 +587,14 @@ def _compile_key_frame(head_dim: int, tokens: int, capability: int, tma: bool):
     return _compile(fused._key_frame_attention_kernel, signature, constants, options, capability)
 
 
-def _compile_temporal(frames: int, head_dim: int, capability: int):
+def _compile_temporal(frames: int, head_dim: int, capability: int, heads: int = 1):
     """The temporal attention kernel as its launcher configures it for fp16 (no rotary, no bias)."""
     signature = {**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*fp16"),
                  **dict.fromkeys(("cos_ptr", "sin_ptr", "bias_ptr"), "*fp32"), "tokens": "i32"}
     signature.update(dict.fromkeys([f"stride_{t}{d}" for t in "qkvo" for d in "bfl"], "i64"))
+    signature.update(dict.fromkeys([f"stride_b{d}" for d in "hij"], "i64"))
     signature["scale"] = "fp32"
-    launch = fused._temporal_launch(frames, head_dim, 0, False, torch.float16)
+    launch = fused._temporal_launch(frames, head_dim, 0, False, torch.float16, heads)
     return _compile(fused._temporal_attention_kernel, signature, *launch, capability)
 
 
@@ -586,6 +624,30 @@ def test_geglu_picks_two_programs_per_multiprocessor_for_small_products(rows, in
     assert configs[0][-1] == (2 if small else 1)
 
 
+@pytest.mark.skipif(triton_missing, reason="triton is not installed")
+@pytest.mark.parametrize(
+    "channels,expected",
+    [(320, (2, 512, 1)), (640, (2, 1024, 2)), (1280, (2, 2048, 4)), (40, (16, 64, 1)), (2560, (2, 4096, 4))],
+    ids=["320", "640", "1280", "narrow-40", "wide-2560"],
+)
+def test_layer_norm_takes_whole_rows_two_per_program_and_a_warp_per_512_channels(channels, expected):
+    assert fused._layer_norm_tiles(channels) == expected
+
+
+@pytest.mark.skipif(triton_missing, reason="triton is not installed")
+@pytest.mark.parametrize(
+    "frames,head_dim,heads,expected",
+    [
+        (16, 40, 8, 2), (61, 40, 8, 4), (8, 64, 8, 4), (16, 80, 8, 2), (61, 160, 8, 1), (61, 40, 6, 2), (8, 64, 1, 1),
+    ],
+    ids=["base-top-level", "interpolation-top-level", "vsr-64-wide", "80-wide", "160-wide", "six-heads-divisor",
+         "one-head"],
+)
+def test_temporal_attention_takes_neighbouring_heads_per_program(frames, head_dim, heads, expected):
+    constants, _ = fused._temporal_launch(frames, head_dim, 0, False, torch.float16, heads)
+    assert constants["HEADS_PER_PROGRAM"] == expected and heads % expected == 0
+
+
 @pytest.mark.skipif(triton_missing or fused.TensorDescriptor is None, reason="needs Triton >= 3.3")
 @pytest.mark.parametrize("capability,shared", GPU_TARGETS)
 def test_geglu_kernel_compiles_within_each_gpus_shared_memory(capability, shared):
@@ -605,15 +667,19 @@ def test_geglu_kernel_compiles_within_each_gpus_shared_memory(capability, shared
 def test_attention_kernels_compile_within_each_gpus_shared_memory(capability, shared):
     # These launch one configuration each, with no smaller one to fall back to: every GPU must take it. The
     # interpolation model's sparse causal attention at its three widths (heads of 40, 80 and 160 channels, 2560,
-    # 640 and 160 tokens a frame), and its temporal attention's largest tiles (61 frames, heads of 160).
+    # 640 and 160 tokens a frame), and its temporal attention's largest tiles (61 frames, heads of 160) and
+    # most heads per program (61 frames, 8 heads of 40, four per program).
     for head_dim, tokens in ((40, 2560), (80, 640), (160, 160)):
         for tma in (True, False):
             used = _compile_key_frame(head_dim, tokens, capability, tma).metadata.shared
             assert used <= shared, (
                 f"key-frame attention, heads of {head_dim}, TMA {tma}: {used} bytes of shared memory on sm{capability}"
             )
-    used = _compile_temporal(61, 160, capability).metadata.shared
-    assert used <= shared, f"temporal attention, 61 frames, heads of 160: {used} bytes of shared memory on sm{capability}"
+    for head_dim, heads in ((160, 1), (40, 8)):
+        used = _compile_temporal(61, head_dim, capability, heads).metadata.shared
+        assert used <= shared, (
+            f"temporal attention, 61 frames, {heads} heads of {head_dim}: {used} bytes of shared memory on sm{capability}"
+        )
 
 
 @pytest.mark.skipif(triton_missing, reason="triton is not installed")

@@ -156,17 +156,22 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "alone"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("bias,extra", [(True, False), (False, False), (True, True), (False, True)],
+                         ids=["bias", "no-bias", "bias-and-extra", "extra-only"])
 @pytest.mark.parametrize("module,shape,channels_last", CONV_CASES)
-def test_conv_is_the_module_plus_the_residual(module, shape, channels_last, bias, with_residual):
+def test_conv_is_the_module_plus_the_residual(module, shape, channels_last, bias, extra, with_residual):
     module = module.double()
     fmt = (torch.channels_last if len(shape) == 4 else torch.channels_last_3d) if channels_last else torch.contiguous_format
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
-    want = module._conv_forward(x, module.weight, module.bias if bias else None)
+    extra_bias = torch.randn(module.out_channels, generator=g, dtype=torch.float64) if extra else None
+    total = module.bias if bias else None
+    if extra_bias is not None:
+        total = extra_bias if total is None else total + extra_bias
+    want = module._conv_forward(x, module.weight, total)
     residual = torch.randn(want.shape, generator=g, dtype=torch.float64).contiguous(memory_format=fmt)
     with torch.no_grad():
-        got = blocks.conv(module, x, residual=residual if with_residual else None, bias=bias)
+        got = blocks.conv(module, x, residual=residual if with_residual else None, bias=bias, extra_bias=extra_bias)
     torch.testing.assert_close(got, want + residual if with_residual else want, rtol=0, atol=1e-12)
     # Never a layout change the plain path avoids: a sum keeps the residual's layout; alone, the result has at
     # least the convolution's (a CPU Conv3d returns the default layout, a matmul of rows channels-last).
@@ -175,7 +180,8 @@ def test_conv_is_the_module_plus_the_residual(module, shape, channels_last, bias
 
 
 def test_resnet_block_folds_conv1_bias_into_the_norm():
-    """conv1 runs without its bias, which norm2's offset carries: the block equals the unfolded formula."""
+    """conv1 runs without its bias, which norm2's offset carries: the block (given the SiLU of the time
+    embedding, which the UNet computes once) equals the unfolded formula."""
     block = blocks.ResnetBlock(8, 12, 16, groups=4, eps=1e-6).double()
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.3)
@@ -189,7 +195,7 @@ def test_resnet_block_folds_conv1_bias_into_the_norm():
         h = h + block.time_emb_proj(torch.nn.functional.silu(temb))[:, :, None, None, None]
         h = video(torch.nn.functional.conv2d(frames(silu_norm(h, block.norm2)), block.conv2.weight, block.conv2.bias, padding=1))
         skip = video(torch.nn.functional.conv2d(frames(x), block.conv_shortcut.weight, block.conv_shortcut.bias))
-        torch.testing.assert_close(block(x, temb), skip + h, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(block(x, torch.nn.functional.silu(temb)), skip + h, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("size", [(8, 12), (7, 11)], ids=["twice", "skip-sized"])
@@ -535,11 +541,13 @@ def test_group_norm_matches_torch_and_absorbs_an_offset(monkeypatch, shape, silu
     torch.nn.init.normal_(norm.bias)
     x = torch.randn(shape) * 2 + 0.5
     offset = torch.randn(shape[0], 64) * 3  # a time embedding, large against the activations' spread
+    bias = torch.randn(64)  # a per-channel offset (a bias) on top of it, or alone
     act = torch.nn.functional.silu if silu else (lambda t: t)
-    for t in (None, offset):
+    for t, c in ((None, None), (offset, None), (None, bias), (offset, bias)):
         full = x if t is None else x + t.view(*t.shape, *[1] * (x.ndim - 2))
+        full = full if c is None else full + c.view(64, *[1] * (x.ndim - 2))
         expected = act(torch.nn.functional.group_norm(full, 8, norm.weight, norm.bias, 1e-6))
-        torch.testing.assert_close(norm(x, silu=silu, offset=t), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(norm(x, silu=silu, offset=t, channel_offset=c), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
