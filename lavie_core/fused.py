@@ -1171,7 +1171,8 @@ def stream_biases(
     biases: Sequence[torch.Tensor], in_bias: torch.Tensor | None, out_bias: torch.Tensor | None, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The bias arithmetic of a transformer block run as one residual stream (`blocks.SpatialTransformer`),
-    in one kernel instead of about eight of torch's per transformer.
+    in one kernel instead of about nine of torch's per transformer (casts, stack, cumsum, subtractions, sum,
+    negation).
 
     biases: the four residual branches' output biases, `c` each, in the order they are added. Returns float32
     `4 c` offsets, row k being -(biases[k] + ... + biases[3]) (what branch k's norm takes off); the stream's
