@@ -2,11 +2,15 @@
 
     python bench/speed.py [--dtype fp16|bf16] [--stages base,interpolation,vsr] [--iters 6] [--compile]
                           [--cfg-input shared|doubled] [--cuda-graph on|off] [--cudnn-benchmark on|off]
+                          [--loop-steps 12]
     python bench/speed.py --cascade [--steps 50] [--cfg-mode batched|split] [--vsr-chunk 4] [--budget-gib 12] [--compile]
                           [--cascade-stages base,interpolation,vsr] [--cuda-graph on|off]
 
 Per stage: one UNet call that answers both halves of classifier-free guidance, median of `--iters`
-timed calls (CUDA events) after warm-up; FLOPs counted with torch's FlopCounterMode; peak memory from
+timed calls (CUDA events) after warm-up, each started with the GPU idle, and the median GPU time per call
+with the calls queued back to back as a sampling loop queues them (`queued`: the host's launch work
+overlaps the call before), and the median step period of the stage's own sampling loop
+(`--loop-steps`, as the stages run); FLOPs counted with torch's FlopCounterMode; peak memory from
 torch.cuda.max_memory_allocated over the timed calls (the warm-up's, with compilation and cuDNN's
 algorithm search, is reported apart); numerics against the float32 path on the same inputs, and how much
 of that error comes from rounding the weights alone (float32 compute on the rounded weights). Weights
@@ -102,6 +106,48 @@ def time_calls(fn, iters: int, warmup: int = 2) -> list[float]:
     return times
 
 
+def time_queued(fn, iters: int) -> list[float]:
+    """GPU time of each call with the calls queued back to back, as a sampling loop queues them: the host
+    launches a call while the GPU still runs the one before, so the launch work (with CUDA graphs, the
+    replay's submission) overlaps. `time_calls` waits for each call first, so its times include it."""
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    # The first call's start still waited for its launch; the others begin when the previous one ends.
+    return [start.elapsed_time(end) for start, end in events[1:]]
+
+
+def time_loop(kind: str, unet, steps: int, cuda_graph: bool) -> list[float]:
+    """Step periods of the stage's own sampling loop (`lavie_core.pipeline`, its default sampler): CUDA
+    events recorded as each UNet call is queued (`on_call`), so a period is the GPU time from one call's
+    end to the next's, with the sampler's own work and any wait for the host in it. The first two calls
+    (the plain call, the capture) are left out. VSR samples one 8-frame chunk of 320x512."""
+    from lavie_core.pipeline import interpolate, text_to_video, upscale
+
+    text = torch.randn(1, 77, STAGES[kind]["ctx"][1])
+    events: list[torch.cuda.Event] = []
+
+    def on_call(done: int, total: int) -> None:
+        events.append(torch.cuda.Event(enable_timing=True))
+        events[-1].record()
+
+    common = dict(steps=steps, on_call=on_call, cuda_graph=cuda_graph)
+    with torch.no_grad():
+        if kind == "base":
+            text_to_video(unet, text, text, **common)
+        elif kind == "interpolation":
+            interpolate(unet, torch.randn(1, 4, 16, 40, 64), text, text, **common)
+        else:
+            low_res = torch.rand(1, 3, 8, 320, 512) * 2 - 1
+            upscale(unet, low_res, text, text, chunk_frames=8, latent_device="cuda", **common)
+    torch.cuda.synchronize()
+    return [a.elapsed_time(b) for a, b in zip(events[2:], events[3:])]
+
+
 def count_flops(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -117,7 +163,7 @@ def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def bench_stage(
     kind: str, dtype: torch.dtype, iters: int, compile_model: bool, numerics: bool, cfg_input: str = "shared",
-    official: Path | None = None, cuda_graph: bool = True,
+    official: Path | None = None, cuda_graph: bool = True, loop_steps: int = 0,
 ) -> dict:
     """One stage's call: speed, memory and numerics; with `official` (a Vchitect/LaVie checkout) the
     official UNet is timed after it in the same process, on the same weights and inputs. With `cuda_graph`
@@ -165,6 +211,9 @@ def bench_stage(
     times = time_calls(call, iters, warmup=0)
     result["ms_per_call"] = statistics.median(times)
     result["ms_all"] = [round(v, 2) for v in times]
+    queued = time_queued(call, iters + 1)
+    result["ms_per_call_queued"] = statistics.median(queued)
+    result["ms_all_queued"] = [round(v, 2) for v in queued]
     # A replay allocates nothing new: the graph's activations were allocated at capture.
     timed_peak = torch.cuda.max_memory_allocated() / 2**30
     result["peak_gib"] = max(timed_peak, result["warmup_peak_gib"]) if cuda_graph else timed_peak
@@ -175,7 +224,13 @@ def bench_stage(
     result["tflop_per_call"] = flops / 1e12
     result["achieved_tflops"] = flops / 1e12 / (result["ms_per_call"] / 1e3)
     weights = {k: v.cpu() for k, v in model.state_dict().items()} if official is not None else None
-    del model, call_model, runner
+    del runner
+    torch.cuda.empty_cache()
+    if loop_steps:
+        periods = time_loop(kind, call_model, loop_steps, cuda_graph)
+        result["ms_per_step_in_loop"] = statistics.median(periods)
+        result["ms_all_in_loop"] = [round(v, 2) for v in periods]
+    del model, call_model
     torch.cuda.empty_cache()
     result["official_ms"], result["official_source"] = OFFICIAL_MS[kind], "ANCHORS.md"
     if official is not None:
@@ -312,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cuda-graph", default="on", choices=["on", "off"],
                         help="replay the UNet calls from CUDA graphs, as the stages do (default on)")
     add_cudnn_benchmark_option(parser)
+    parser.add_argument("--loop-steps", type=int, default=12,
+                        help="also time this many steps of each stage's own sampling loop (0: skip)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--official", type=Path, metavar="PATH",
                         help="a Vchitect/LaVie checkout: time its UNets in the same run, on the same weights and "
@@ -357,21 +414,21 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         r = bench_stage(
             kind, DTYPES[args.dtype], args.iters, args.compile, not args.no_numerics, args.cfg_input, args.official,
-            args.cuda_graph == "on",
+            args.cuda_graph == "on", args.loop_steps,
         )
         r["bench_s"] = time.time() - t0
         results.append(r)
         print(json.dumps(r), flush=True)
     print(f"\n({args.cfg_input} CFG input, CUDA graphs {args.cuda_graph}; official ms measured in this run, or from "
           "ANCHORS.md where marked *)")
-    print("| stage | ms/call | official ms | speed-up | TFLOP/call | TFLOP/s | peak GiB (official) | rel L2 vs fp32 | "
+    print("| stage | ms/call | queued ms/call | ms/step in loop | official ms | speed-up | TFLOP/call | TFLOP/s | peak GiB (official) | rel L2 vs fp32 | "
           "of which weight rounding | rel L2 vs official |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     nan = float("nan")
     for r in results:
         anchor = "" if r["official_source"] == "measured" else "*"
         print(
-            f"| {r['stage']} | {r['ms_per_call']:.1f} | {r['official_ms']:.1f}{anchor} | {r['speedup_vs_official']:.2f}x | "
+            f"| {r['stage']} | {r['ms_per_call']:.1f} | {r['ms_per_call_queued']:.1f} | {r.get('ms_per_step_in_loop', nan):.1f} | {r['official_ms']:.1f}{anchor} | {r['speedup_vs_official']:.2f}x | "
             f"{r.get('tflop_per_call', nan):.1f} | {r.get('achieved_tflops', nan):.0f} | "
             f"{r['peak_gib']:.1f} ({r.get('official_peak_gib', nan):.1f}) | {r.get('rel_l2_vs_fp32', nan):.1e} | "
             f"{r.get('rel_l2_weights_rounded', nan):.1e} | {r.get('rel_l2_vs_official', nan):.1e} |"

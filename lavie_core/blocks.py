@@ -437,19 +437,25 @@ def sparse_causal_attention(
     # Separate projections: k and v are gathered by frame below. With views of one product here and in its
     # temporal layers, the interpolation model's eager call on an H200 took 228 ms, against 218 without.
     q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-    previous = (torch.arange(frames, device=x.device) - 1).clamp(min=0)
     # float32 stays on SDPA: the exact reference path (the kernel's tensor-core dots would round to tf32).
     # Checked on the projections, which need a gradient whenever any of their weights is trained.
     if x.dtype != torch.float32 and all(fused.kernels_usable(t) for t in (q, k, v)):
         # Keys read in place, heads split 32 + 16 rather than padded to 64: one layer of the interpolation
         # model on an H200 (bench/attention.py, fp16) took 7.7 / 1.1 / 0.53 ms at its three levels, against
         # 10.0 / 2.4 / 1.21 with SDPA on gathered keys.
-        key_frames = torch.stack([torch.zeros_like(previous), previous], dim=1)
+        key_frames = position_cache(attn, lambda: ("key frames", frames, x.device), lambda: _key_frames(frames, x.device))
         return attn.output(fused.key_frame_attention(q, k, v, attn.heads, frames, key_frames), residual)
+    previous = _key_frames(frames, x.device)[:, 1]
     k, v = (rearrange(t, "(b f) l c -> b f l c", f=frames) for t in (k, v))
     k = rearrange(torch.cat([k[:, :1].expand_as(k), k[:, previous]], dim=2), "b f l c -> (b f) l c")
     v = rearrange(torch.cat([v[:, :1].expand_as(v), v[:, previous]], dim=2), "b f l c -> (b f) l c")
     return attn.attend(q, k, v, residual=residual)
+
+
+def _key_frames(frames: int, device: torch.device) -> torch.Tensor:
+    """Sparse causal attention's `f 2` table: frame 0 and frame max(i-1, 0)."""
+    previous = (torch.arange(frames, device=device) - 1).clamp(min=0)
+    return torch.stack([torch.zeros_like(previous), previous], dim=1)
 
 
 _POSITION_CACHE_SIZE = 8
@@ -458,8 +464,9 @@ _POSITION_CACHE_SIZE = 8
 def position_cache(module: nn.Module, key: Callable[[], Hashable], compute: Callable[[], T]) -> T:
     """`compute()`, kept on `module` per `key()` (frame count, device, and the version of any buffer it reads).
 
-    Temporal layers' position tables depend on the frame count only, yet took about 20 tiny kernels per
-    layer and call, each costing a CUDA graph replay about as much as a launch (base call: 16 layers).
+    Position tables depend on the frame count only, yet took tiny kernels at every call, each costing a CUDA
+    graph replay about as much as a launch: about 20 per temporal layer (base call: 16 layers), 5 per sparse
+    causal layer's key-frame table (interpolation call: 16 layers).
     Computed anew where a gradient may be recorded (a cached tensor made under inference mode cannot be saved
     for backward) and under torch.compile, which folds them into its own kernels; `key` runs only when the
     cache is used (it reads tensor metadata, which Dynamo would guard on and recompile for).

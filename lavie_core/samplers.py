@@ -4,9 +4,14 @@ A denoiser is a callable ``model(x, sigma, **extra_args) -> x0`` with ``x`` of s
 and ``sigma`` of shape ``[B]``. Every sampler walks ``x`` down a decreasing sigma grid (see
 ``lavie_core.schedules``) and returns the final ``x``, still in sigma space.
 
-``callback``, when given, receives ``dict(i, x, sigma, sigma_next, denoised)`` after every step;
-an exception raised inside it aborts sampling and propagates unchanged (that is how a caller
-cancels).
+``callback``, when given, receives ``dict(i, x, sigma, sigma_next, denoised)`` after every step
+(``sigma`` and ``sigma_next`` as 0-d CPU tensors, free to read); an exception raised inside it aborts
+sampling and propagates unchanged (that is how a caller cancels).
+
+Nothing in the loop reads a value off the model's device: the host queues each step's work while the
+GPU still runs the step before. Reading the step's sigmas and copying CPU-drawn noise there made the
+host wait for every model call, and the GPU then idled while it queued the next one (base model on an
+H200: 1.9-2.8 ms a step, about 5%).
 """
 
 from __future__ import annotations
@@ -36,8 +41,11 @@ Callback = Callable[[dict[str, Any]], None]
 Sampler = Callable[..., torch.Tensor]
 
 
-def _prepare_sigmas(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    sigmas = torch.as_tensor(sigmas)
+def _prepare_sigmas(x: torch.Tensor, sigmas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid on x's device, and the same values on the host, where steps and the callback read scalars:
+    reading one from the device would wait for the model call before it, so the host could not queue the
+    next step's work while the GPU runs."""
+    sigmas = torch.as_tensor(sigmas).cpu()
     if sigmas.ndim != 1 or sigmas.numel() < 2:
         raise ValueError(
             f"sigmas must be a 1-D tensor with at least 2 entries (steps + 1), got shape {tuple(sigmas.shape)}"
@@ -49,14 +57,19 @@ def _prepare_sigmas(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     # Timestep recovery from sigma needs better than half precision; float64 is kept where the
     # device has it because it makes the recovered integer timesteps exact.
     wide = (x.dtype == torch.float64 or sigmas.dtype == torch.float64) and x.device.type != "mps"
-    return sigmas.to(device=x.device, dtype=torch.float64 if wide else torch.float32)
+    host = sigmas.to(torch.float64 if wide else torch.float32)
+    return host.to(x.device), host
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     # Drawn on the generator's device so that a CPU generator gives the same numbers whatever
     # device x lives on (diffusers' randn_tensor does the same).
     device = generator.device if generator is not None else x.device
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    # Pinned and copied asynchronously: a plain copy from host memory would wait for the GPU to finish
+    # the model call queued before it.
+    pin = device.type == "cpu" and x.device.type == "cuda"
+    noise = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype, pin_memory=pin)
+    return noise.to(x.device, non_blocking=pin)
 
 
 def _to_d(x: torch.Tensor, sigma: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
@@ -81,15 +94,15 @@ def _report(
     callback: Callback | None,
     i: int,
     x: torch.Tensor,
-    sigmas: torch.Tensor,
+    host_sigmas: torch.Tensor,
     denoised: torch.Tensor,
 ) -> None:
     if callback is not None:
-        callback({"i": i, "x": x, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "denoised": denoised})
+        callback({"i": i, "x": x, "sigma": host_sigmas[i], "sigma_next": host_sigmas[i + 1], "denoised": denoised})
 
 
 Evaluate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Step = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, Evaluate], torch.Tensor]
+Step = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, list[float], Evaluate], torch.Tensor]
 
 
 def _walk(
@@ -102,11 +115,14 @@ def _walk(
 ) -> torch.Tensor:
     """The loop every sampler shares: denoise ``x`` at ``sigmas[i]``, let ``step`` move it, report.
 
-    ``step(i, x, denoised, sigmas, evaluate)`` returns the new ``x``; ``evaluate(x, sigma)`` is a
-    further model call at a scalar ``sigma`` (Heun's corrector).
+    ``step(i, x, denoised, sigmas, levels, evaluate)`` returns the new ``x``: ``sigmas`` is the grid on
+    x's device, ``levels`` the same values as floats for decisions on the host (reading ``sigmas`` there
+    would wait for the GPU); ``evaluate(x, sigma)`` is a further model call at a scalar ``sigma`` (Heun's
+    corrector).
     """
     extra_args = {} if extra_args is None else extra_args
-    sigmas = _prepare_sigmas(x, sigmas)
+    sigmas, host_sigmas = _prepare_sigmas(x, sigmas)
+    levels = host_sigmas.tolist()
     s_in = sigmas.new_ones([x.shape[0]])
 
     def evaluate(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -114,8 +130,8 @@ def _walk(
 
     for i in range(len(sigmas) - 1):
         denoised = evaluate(x, sigmas[i])
-        x = step(i, x, denoised, sigmas, evaluate)
-        _report(callback, i, x, sigmas, denoised)
+        x = step(i, x, denoised, sigmas, levels, evaluate)
+        _report(callback, i, x, host_sigmas, denoised)
     return x
 
 
@@ -134,7 +150,9 @@ def sample_euler(
     On the DDIM grid this is exactly DDIM with eta=0: ``x_next = x0 + sigma_next * eps``.
     """
 
-    def step(i: int, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, _: Evaluate) -> torch.Tensor:
+    def step(
+        i: int, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, levels: list[float], _: Evaluate
+    ) -> torch.Tensor:
         d = _to_d(x, sigmas[i], denoised)
         return x + d * (sigmas[i + 1] - sigmas[i])
 
@@ -161,8 +179,10 @@ def sample_euler_ancestral(
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
 
-    def step(i: int, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, _: Evaluate) -> torch.Tensor:
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+    def step(
+        i: int, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, levels: list[float], _: Evaluate
+    ) -> torch.Tensor:
+        sigma, sigma_next = levels[i], levels[i + 1]
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         d = _to_d(x, sigmas[i], denoised)
         x = x + d * (sigma_down - sigma)
@@ -189,11 +209,11 @@ def sample_heun(
     """
 
     def step(
-        i: int, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, evaluate: Evaluate
+        i: int, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, levels: list[float], evaluate: Evaluate
     ) -> torch.Tensor:
         d = _to_d(x, sigmas[i], denoised)
         dt = sigmas[i + 1] - sigmas[i]
-        if float(sigmas[i + 1]) == 0:
+        if levels[i + 1] == 0:
             return x + d * dt
         x_euler = x + d * dt
         denoised_next = evaluate(x_euler, sigmas[i + 1])
@@ -220,9 +240,11 @@ def sample_dpmpp_2m(
     prev_denoised: torch.Tensor | None = None
     prev_h: float | None = None
 
-    def step(i: int, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, _: Evaluate) -> torch.Tensor:
+    def step(
+        i: int, x: torch.Tensor, denoised: torch.Tensor, sigmas: torch.Tensor, levels: list[float], _: Evaluate
+    ) -> torch.Tensor:
         nonlocal prev_denoised, prev_h
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        sigma, sigma_next = levels[i], levels[i + 1]
         if sigma_next == 0:
             x = denoised
         else:

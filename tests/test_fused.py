@@ -267,15 +267,21 @@ def test_sparse_causal_dispatch(monkeypatch, dtype, grad, expected):
     calls = []
     monkeypatch.setattr(fused, "kernels_usable", lambda t: not (torch.is_grad_enabled() and t.requires_grad))
 
+    tables = []
+
     def record(q, k, v, heads, frames, key_frames):
         calls.append((heads, frames, key_frames.tolist()))
+        tables.append(key_frames)
         return torch.zeros_like(q)
 
     monkeypatch.setattr(fused, "key_frame_attention", record)
     with torch.set_grad_enabled(grad):
         out = blocks.sparse_causal_attention(attn, x, 4)
+        blocks.sparse_causal_attention(attn, x, 4)
     assert out.shape == x.shape
-    assert calls == ([(2, 4, [[0, 0], [0, 0], [0, 1], [0, 2]])] if expected else [])
+    assert calls == ([(2, 4, [[0, 0], [0, 0], [0, 1], [0, 2]])] * 2 if expected else [])
+    # The table is made once per frame count: no kernels of its own in later calls.
+    assert all(t is tables[0] for t in tables)
 
 
 @pytest.mark.gpu

@@ -294,6 +294,44 @@ def test_callback_reports_every_step(name):
     assert torch.equal(seen[-1]["x"], out)
 
 
+@pytest.mark.parametrize("name", sorted(K.SAMPLERS))
+def test_the_loop_never_reads_a_value_off_the_device(name):
+    # On the meta device any read of a tensor's value raises, so this runs each sampler through the same
+    # code paths as on a GPU, where such a read would make the host wait for every model call.
+    sigmas = S.get_sigmas("lavie_ddpm", 5)
+    x = torch.empty(1, 3, 2, 2, device="meta")
+    seen = []
+
+    def callback(info):
+        seen.append((float(info["sigma"]), float(info["sigma_next"])))
+
+    out = K.get_sampler(name)(lambda x, sigma: x * 0.5, x, sigmas, callback=callback, generator=torch.Generator())
+    assert out.device.type == "meta"
+    assert seen == list(zip(sigmas[:-1].tolist(), sigmas[1:].tolist()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", sorted(K.SAMPLERS))
+def test_cuda_loop_queues_steps_without_waiting(name):
+    # After the first model call nothing in the loop synchronises with the GPU (CPU generator included).
+    sigmas = S.get_sigmas("lavie_ddpm", 4)
+    x = torch.randn(1, 3, 2, 8, 8, device="cuda")
+    calls = []
+
+    def model(x, sigma):
+        calls.append(sigma)
+        torch.cuda.set_sync_debug_mode("error")
+        return x * 0.5
+
+    try:
+        out = K.get_sampler(name)(model, x, sigmas, callback=lambda info: float(info["sigma"]),
+                                  generator=torch.Generator().manual_seed(0))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(calls) >= 4 and torch.isfinite(out).all()
+
+
 class Cancelled(Exception):
     pass
 
