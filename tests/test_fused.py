@@ -6,6 +6,7 @@ On the CPU the Triton kernels run in Triton's interpreter, in a subprocess becau
 chosen when a kernel is defined.
 """
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -356,7 +357,8 @@ def test_feed_forward_takes_the_geglu_kernel_for_half_types_only(dtype, monkeypa
     ff = blocks.FeedForward(64).cuda().to(dtype)
     x = torch.randn(2, 50, 64, device="cuda", dtype=dtype)
     calls = []
-    monkeypatch.setattr(fused, "_geglu_op", lambda *a: calls.append(1) or fused._launch_geglu(*a))
+    launch = fused._launch_geglu
+    monkeypatch.setattr(fused, "_launch_geglu", lambda *a: calls.append(1) or launch(*a))
     with torch.no_grad():
         out = ff(x)
     assert len(calls) == (dtype != torch.float32)
@@ -403,6 +405,43 @@ def test_geglu_kernel_takes_only_widths_its_descriptors_can(monkeypatch, dim, in
     with torch.no_grad():
         out = geglu(torch.randn(3, dim).half())
     assert len(calls) == expected and out.shape == (3, inner)
+
+
+def _flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)
+
+
+@pytest.mark.skipif(not fused._CUSTOM_OPS, reason="needs torch.library.custom_op")
+@pytest.mark.parametrize("watcher,expected", [
+    pytest.param(None, "launch", id="eager-launches-directly"),
+    pytest.param("flops", "op", id="flop-counter-sees-the-op"),
+    pytest.param("compiling", "op", id="torch-compile-sees-the-op"),
+])
+@pytest.mark.parametrize("kernel", ["channel_sums", "scale_shift", "geglu", "temporal_attention", "key_frame_attention"])
+def test_kernels_skip_their_op_unless_something_watches_ops(monkeypatch, watcher, expected, kernel):
+    # The op's dispatch costs the host more than the launch; compile and FLOP counting need the op.
+    x, scale = torch.zeros(2, 5, 8, dtype=torch.float16), torch.zeros(2, 8)
+    op_name, launch_name, call = {
+        "channel_sums": ("_channel_sums_op", "_launch_channel_sums", lambda: fused.channel_sums(x)),
+        "scale_shift": ("_scale_shift_op", "_launch_scale_shift", lambda: fused.scale_shift(x, scale, scale)),
+        "geglu": ("_geglu_op", "_launch_geglu", lambda: fused.geglu(x, torch.zeros(16, 8, dtype=x.dtype),
+                                                                     torch.zeros(16, dtype=x.dtype))),
+        "temporal_attention": ("_temporal_attention_op", "_launch", lambda: fused.temporal_attention(x, x, x, 2)),
+        "key_frame_attention": ("_key_frame_attention_op", "_launch_key_frame_attention",
+                                lambda: fused.key_frame_attention(x, x, x, 2, 1, torch.zeros(1, 1, dtype=torch.long))),
+    }[kernel]
+    calls = []
+    monkeypatch.setattr(fused, "_require_kernels", lambda *_: None)
+    monkeypatch.setattr(fused, "TensorDescriptor", object)
+    monkeypatch.setattr(fused, op_name, lambda *a: calls.append("op") or x)
+    monkeypatch.setattr(fused, launch_name, lambda *a: calls.append("launch") or x)
+    if watcher == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with _flop_counter() if watcher == "flops" else contextlib.nullcontext():
+        call()
+    assert calls == [expected]
 
 
 @pytest.mark.skipif(not fused._CUSTOM_OPS, reason="needs torch.library.custom_op")
