@@ -83,8 +83,8 @@ _CUSTOM_OPS = hasattr(torch.library, "custom_op")
 def _through_op() -> bool:
     """Whether a kernel goes through its torch.library op rather than launching directly: under torch.compile
     (one opaque node in its graph) and under a torch dispatch mode (FlopCounterMode counts the op). The op's
-    dispatch costs the host more than the launch itself, and a call without CUDA graphs (ComfyUI's default
-    allocator rules them out) waits for the host: an eager base call's 93 ops took about 4 ms of its host
+    dispatch costs the host more than the launch itself, and a call without CUDA graphs (`cuda_graph` off,
+    the first calls of a stage) waits for the host: an eager base call's 93 ops took about 4 ms of its host
     time on an H200 (48.4-54.0 -> 44.1-48.1 ms)."""
     return torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None
 
