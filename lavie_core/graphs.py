@@ -129,6 +129,11 @@ def signature(args: tuple[torch.Tensor, ...], static: dict[str, Hashable]) -> Ha
     return tensors, tuple(sorted(static.items()))
 
 
+def _layout(out: Any) -> tuple | None:
+    """Shape, strides, dtype and device of a tensor output; None for anything else."""
+    return (tuple(out.shape), out.stride(), out.dtype, out.device) if isinstance(out, torch.Tensor) else None
+
+
 class _Graph:
     """One captured call: its input buffers, the graph and the output it writes."""
 
@@ -153,7 +158,8 @@ class GraphedCalls:
         self.max_graphs = max_graphs
         self.graphs: dict[Hashable, _Graph] = {}
         self.failure: str | None = None
-        self._seen: set[Hashable] = set()
+        # Signatures called plainly so far, with their output's layout (`_capture` allocates the output there).
+        self._seen: dict[Hashable, tuple | None] = {}
         self._pool: Any = None
         self._device: torch.device | None = None
 
@@ -164,8 +170,9 @@ class GraphedCalls:
         graph = self.graphs.get(key)
         if graph is None:
             if key not in self._seen or len(self.graphs) >= self.max_graphs:
-                self._seen.add(key)
-                return self.fn(*args, **static)
+                out = self.fn(*args, **static)
+                self._seen[key] = _layout(out)
+                return out
             graph = self._capture(key, args, static)
             if graph is None:
                 return self.fn(*args, **static)
@@ -191,6 +198,10 @@ class GraphedCalls:
     def _capture(self, key: Hashable, args: tuple[torch.Tensor, ...], static: dict[str, Hashable]) -> _Graph | None:
         device = args[0].device
         inputs = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device=device).copy_(a) for a in args]
+        # The output lives outside the capture, which copies its result there: under cudaMallocAsync, freeing
+        # a tensor allocated during a capture warns about graph memory at every release.
+        layout = self._seen.get(key)
+        result = None if layout is None else torch.empty_strided(*layout[:2], dtype=layout[2], device=device)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.device(device):
@@ -199,6 +210,8 @@ class GraphedCalls:
                 # thread_local: work that other threads of the host process queue meanwhile cannot spoil it.
                 with _raw_addresses(), torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                     output = self.fn(*inputs, **static)
+                    if result is not None and _layout(output) == layout:
+                        output = result.copy_(output)
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"the call returned {type(output).__name__}, not a tensor")
         except Exception as e:  # noqa: BLE001 - any capture failure falls back to plain calls
