@@ -22,7 +22,7 @@ unless run with `--disable-cuda-malloc`). Memory it hands out during a capture i
 graph runs, so Triton's launcher, which asks the driver about every tensor's address, rejects it, and the
 failed capture then aborts the process when its tensors are freed (torch 2.11, Triton 3.6). While this
 module captures, the capturing thread's Triton launches get the tensors' addresses as plain integers,
-which the launcher takes as they are (`_raw_addresses`). Base call on an H200 under that allocator: 55.6 ms
+which the launcher takes as they are, and tensor descriptors their base so (`_raw_addresses`). Base call on an H200 under that allocator: 55.6 ms
 without graphs, 37.3 ms replayed; outputs bit-identical to plain calls at all three stages. Under that
 allocator any failed capture (a host read, an exception, an allocation refused) aborts the process as its
 tensors are freed, and nothing here can catch it; so there only the eager UNet, whose captures the tests
@@ -31,6 +31,7 @@ check, is captured, not a torch.compile'd one. The nodes' `cuda_graph` switch tu
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import threading
 from typing import Any, Callable, Hashable, Iterator
@@ -52,9 +53,10 @@ def graphs_available(device: torch.device | str) -> bool:
     return backend == "native" or (backend == "cudaMallocAsync" and _async_capture_safe())
 
 
-# Triton versions whose launcher was checked to take raw addresses: a Triton launch that rejects an address
-# during a capture under cudaMallocAsync aborts the process, so later versions are not assumed to.
-_RAW_ADDRESS_TRITON = ((3, 0), (3, 6))
+# Triton versions whose launcher was checked to take raw addresses (3.5 read, 3.6 run on an H200): a launch
+# that rejects an address during a capture under cudaMallocAsync aborts the process, so others are not
+# assumed to.
+_RAW_ADDRESS_TRITON = ((3, 5), (3, 6))
 
 
 def _async_capture_safe() -> bool:
@@ -84,13 +86,31 @@ def _triton_launcher() -> type | None:
 _CAPTURING = threading.local()
 
 
+class _Address(int):
+    """A tensor's address as Triton's launcher takes it as it is (an int), which also answers `data_ptr()`."""
+
+    def data_ptr(self) -> int:
+        return int(self)
+
+
+def _as_address(arg: Any) -> Any:
+    """A tensor argument as its address; a tensor descriptor with its base so (Triton unpacks descriptors
+    after `__call__`: into their base tensor where they do not become TMA, as on GPUs before Hopper)."""
+    if isinstance(arg, torch.Tensor):
+        return arg.data_ptr()
+    if type(arg).__name__ == "TensorDescriptor" and isinstance(getattr(arg, "base", None), torch.Tensor):
+        arg = copy.copy(arg)
+        arg.base = _Address(arg.base.data_ptr())
+    return arg
+
+
 def _raw_address_call(call: Callable[..., Any]) -> Callable[..., Any]:
     """`call` (a launcher's `__call__`) taking the tensors among its arguments as their addresses while the
     calling thread captures (`_raw_addresses`); otherwise as it was."""
 
     def launch(self: Any, *args: Any, **kwargs: Any) -> Any:
         if getattr(_CAPTURING, "active", False):
-            args = tuple(a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args)
+            args = tuple(_as_address(a) for a in args)
         return call(self, *args, **kwargs)
 
     launch.lavie_raw_addresses = True  # type: ignore[attr-defined]

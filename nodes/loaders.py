@@ -89,7 +89,7 @@ class LaVieLoader:
                 "one launch instead of 1,000-2,500 kernel launches, so the CPU no longer holds the GPU back. "
                 "Same results and memory; on an H200 an uncompiled base call took 36-37 ms instead of 46-70 "
                 "(the host's speed decides). Works with ComfyUI's default cudaMallocAsync allocator (Triton "
-                "3.0-3.6, uncompiled UNets) and with --disable-cuda-malloc; otherwise the calls run without "
+                "3.5-3.6, uncompiled UNets) and with --disable-cuda-malloc; otherwise the calls run without "
                 "graphs. With --disable-cuda-malloc a failed capture is logged and the run goes on without "
                 "graphs; under cudaMallocAsync torch cannot recover from one, so turn this off if a capture "
                 "ever fails there.")}),
