@@ -25,8 +25,8 @@ module captures, the capturing thread's Triton launches get the tensors' address
 which the launcher takes as they are, and tensor descriptors their base so (`_raw_addresses`). Base call on an H200 under that allocator: 55.6 ms
 without graphs, 37.3 ms replayed; outputs bit-identical to plain calls at all three stages. Under that
 allocator any failed capture (a host read, an exception, an allocation refused) aborts the process as its
-tensors are freed, and nothing here can catch it; so there only the eager UNet, whose captures the tests
-check, is captured, not a torch.compile'd one. The nodes' `cuda_graph` switch turns graphs off.
+tensors are freed, and nothing here can catch it; so there only the eager UNet, whose captures were
+checked, is captured, not a torch.compile'd one. The nodes' `cuda_graph` switch turns graphs off.
 """
 from __future__ import annotations
 
