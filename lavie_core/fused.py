@@ -560,6 +560,38 @@ if triton is not None:
         y = centred * rstd[:, None] * weight[None, :] + bias[None, :]
         tl.store(out_ptr + r.to(tl.int64)[:, None] * channels + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _softmax_row(scores, out, n, scale_log2, BLOCK: tl.constexpr):
+        lane = tl.arange(0, BLOCK)
+        m = tl.full((BLOCK,), -1.0e30, tl.float32)
+        total = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, n, BLOCK):
+            c = start + lane
+            v = tl.load(scores + c, mask=c < n, other=float("-inf")) * scale_log2
+            m_new = tl.maximum(m, v)
+            total = total * tl.math.exp2(m - m_new) + tl.math.exp2(v - m_new)
+            m = m_new
+        peak = tl.max(m, 0)
+        inv = 1.0 / tl.sum(total * tl.math.exp2(m - peak), 0)
+        for start in range(0, n, BLOCK):
+            c = start + lane
+            v = tl.load(scores + c, mask=c < n, other=float("-inf")) * scale_log2
+            tl.store(out + c, (tl.math.exp2(v - peak) * inv).to(out.dtype.element_ty), mask=c < n)
+
+    @triton.jit(do_not_specialize=["columns"])
+    def _softmax_rows_kernel(
+        s_ptr, out_ptr, columns, scale_log2, BLOCK: tl.constexpr, INTERPRETER_COLUMNS: tl.constexpr,
+    ):
+        # One program per row, in two reads of the float32 scores: a running maximum and sum per lane (with the
+        # scale folded into exp2), then the normalised weights in the output's dtype. Lanes start from a finite
+        # floor rather than -inf, so a lane that never sees a score adds exp2(floor - max) = 0, not NaN. The
+        # interpreter takes only constant loop bounds: there INTERPRETER_COLUMNS is the count (0 on GPUs).
+        row = tl.program_id(0).to(tl.int64)
+        if INTERPRETER_COLUMNS:
+            _softmax_row(s_ptr + row * columns, out_ptr + row * columns, INTERPRETER_COLUMNS, scale_log2, BLOCK)
+        else:
+            _softmax_row(s_ptr + row * columns, out_ptr + row * columns, columns, scale_log2, BLOCK)
+
     @triton.jit(do_not_specialize=["rows", "height", "width"])
     def _upsample_phases_kernel(
         y_ptr, bias_ptr, out_ptr, rows, height, width, channels,
@@ -791,6 +823,16 @@ def _launch_layer_norm(
     _run(_layer_norm_kernel, (triton.cdiv(rows, block_r),),
         x, weight.contiguous(), bias.contiguous(), weight if offset is None else offset.contiguous(), out, rows,
         x.stride(0), eps, channels, OFFSET=offset is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+    )
+    return out
+
+
+def _launch_softmax_rows(scores: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    rows, columns = scores.shape
+    out = torch.empty((rows, columns), device=scores.device, dtype=dtype)
+    _run(_softmax_rows_kernel, (rows,), scores, out, columns, scale * 1.4426950408889634,
+        BLOCK=min(4096, triton.next_power_of_2(columns)), INTERPRETER_COLUMNS=0 if scores.is_cuda else columns,
+        num_warps=8,
     )
     return out
 
@@ -1303,6 +1345,18 @@ def layer_norm(
         return torch.empty(x.shape, device=x.device, dtype=x.dtype)
     _require_kernels("layer_norm")
     return _launch_layer_norm(rows, weight, bias, eps, offset).view(x.shape)
+
+
+def softmax_rows(scores: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """`softmax(scores * scale)` over each row of float32 `rows x columns` scores, written in `dtype`: two reads
+    of the scores and one write, where torch's scale, softmax and cast take three passes that each read and
+    write (`vae.product_attention`, whose rows hold a 320x512 latent's 163,840 scores)."""
+    if scores.ndim != 2 or scores.dtype != torch.float32:
+        raise ValueError(f"softmax_rows: takes float32 `rows x columns` scores, got {scores.dtype} {tuple(scores.shape)}")
+    if scores.is_meta:
+        return torch.empty(scores.shape, device=scores.device, dtype=dtype)
+    _require_kernels("softmax_rows")
+    return _launch_softmax_rows(scores.contiguous(), scale, dtype)
 
 
 def upsample_phases_fits(y: torch.Tensor) -> bool:

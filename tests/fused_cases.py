@@ -1,5 +1,6 @@
 """Fused kernels against plain torch, case by case (temporal and key-frame attention, GroupNorm passes, GEGLU,
-bias add, LayerNorm, channel concatenation, upsampling phases and weights, a transformer stream's biases);
+bias add, LayerNorm, channel concatenation, upsampling phases and weights, a transformer stream's biases, row
+softmax);
 prints one JSON line per case.
 
 Run as a script (tests/test_fused.py does, with TRITON_INTERPRET=1 on the CPU) or imported on CUDA.
@@ -345,6 +346,25 @@ def upsample_weight_max_error(case: str, device: str = "cpu", dtype: torch.dtype
     return ((out.double().cpu() - expected).abs() / expected.abs().clamp(min=1)).max().item()
 
 
+# Row softmax of float32 scores. id: (rows, columns, scale, spread): columns past one block (4096), a partial
+# last block, and a row shorter than its block; scores of standard deviation `spread` before the scale.
+SOFTMAX_CASES = {
+    "softmax-one-block": (3, 1000, 0.125, 4.0),
+    "softmax-rows-past-a-block": (2, 9000, 0.044, 30.0),
+}
+
+
+def softmax_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Error relative to the row's largest weight, against torch's float32 softmax."""
+    rows, columns, scale, spread = SOFTMAX_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    scores = (torch.randn(rows, columns, generator=g) * spread).to(device)
+    expected = (scores * scale).softmax(dim=-1)
+    out = fused.softmax_rows(scores, scale, dtype)
+    assert out.shape == scores.shape and out.dtype == dtype
+    return ((out.float() - expected).abs().amax(-1) / expected.amax(-1)).max().item()
+
+
 # Each case's error function, in the order the cases run.
 ERRORS = {
     case: error
@@ -353,6 +373,7 @@ ERRORS = {
         (KEY_FRAME_CASES, key_frame_max_error), (BIAS_CASES, bias_max_error), (LAYER_NORM_CASES, layer_norm_max_error),
         (CONCAT_CASES, concat_max_error), (PHASES_CASES, phases_max_error), (GROUP_AFFINE_CASES, group_affine_max_error),
         (UPSAMPLE_WEIGHT_CASES, upsample_weight_max_error), (STREAM_BIAS_CASES, stream_biases_max_error),
+        (SOFTMAX_CASES, softmax_max_error),
     )
     for case in cases
 }

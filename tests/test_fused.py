@@ -20,8 +20,8 @@ import torch
 from einops import rearrange
 
 from fused_cases import (
-    ALL_CASES, BIAS_CASES, GEGLU_CASES, GROUP_AFFINE_CASES, LAYER_NORM_CASES, NORM_CASES, STREAM_BIAS_CASES,
-    UPSAMPLE_WEIGHT_CASES, case_error,
+    ALL_CASES, BIAS_CASES, GEGLU_CASES, GROUP_AFFINE_CASES, LAYER_NORM_CASES, NORM_CASES, SOFTMAX_CASES,
+    STREAM_BIAS_CASES, UPSAMPLE_WEIGHT_CASES, case_error,
 )
 from lavie_core import LaVieUNet, UNetConfig, blocks, fused
 
@@ -68,7 +68,8 @@ def test_cuda_kernels_match_torch(case):
     # absolute on outputs of order 1.
     relative = any(
         case in cases
-        for cases in (NORM_CASES, BIAS_CASES, LAYER_NORM_CASES, GROUP_AFFINE_CASES, UPSAMPLE_WEIGHT_CASES, STREAM_BIAS_CASES)
+        for cases in (NORM_CASES, BIAS_CASES, LAYER_NORM_CASES, GROUP_AFFINE_CASES, UPSAMPLE_WEIGHT_CASES, STREAM_BIAS_CASES,
+                      SOFTMAX_CASES)
     )
     assert case_error(case, "cuda", torch.float16) < (1e-3 if relative else 2e-2)
 
@@ -117,6 +118,8 @@ def test_cuda_sdpa_on_video_tokens_equals_pixel_grouped(monkeypatch, dtype, max_
     "call,match",
     [
         pytest.param(lambda: fused.channel_sums(torch.zeros(2, 3)), "takes `b n c` rows, got 2 dimensions", id="sums-rank"),
+        pytest.param(lambda: fused.softmax_rows(torch.zeros(2, 3, dtype=torch.float16), 1.0, torch.float16),
+                     r"takes float32 `rows x columns` scores, got torch.float16 \(2, 3\)", id="softmax-scores-dtype"),
         pytest.param(
             lambda: fused.scale_shift(torch.zeros(2, 5, 4), torch.zeros(2, 4), torch.zeros(4)),
             r"per-channel values must be shaped \(2, 4\), got \(4,\)", id="shift-shape",

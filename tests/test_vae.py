@@ -3,18 +3,21 @@ import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from helpers import single_thread  # noqa: F401  (autouse: this module runs on one thread)
 from lavie_core.vae import (
     AutoencoderKL,
     VAEConfig,
+    _product_attention_serves,
     convert_vae_state_dict,
     decode_video,
     encode_video,
     infer_vae_config,
     is_ldm_layout,
     load_vae,
+    product_attention,
 )
 
 LDM_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -281,3 +284,35 @@ def test_query_chunked_attention(vae, monkeypatch):
     full = decode_video(vae, z)
     monkeypatch.setattr("lavie_core.vae._ATTN_SCORE_BUDGET", 5)
     torch.testing.assert_close(decode_video(vae, z), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("budget", [5, 1 << 27], ids=["rows-in-blocks", "all-rows"])
+def test_product_attention_matches_sdpa(budget, monkeypatch):
+    monkeypatch.setattr("lavie_core.vae._ATTN_SCORE_BUDGET", budget)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 1, 37, 24, generator=g) for _ in range(3))
+    torch.testing.assert_close(product_attention(q, k, v), F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "width", "expected"),
+    [("cpu", torch.float16, 512, False), ("cuda", torch.float32, 512, False), ("cuda", torch.float16, 256, False),
+     ("cuda", torch.bfloat16, 512, True)],
+    ids=["cpu", "float32", "narrow-head", "wide-half-head"],
+)
+def test_product_attention_takes_wide_half_heads_on_cuda(device, dtype, width, expected):
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    q = torch.zeros(1, 1, 4, width, device=device, dtype=dtype)
+    assert _product_attention_serves(q) is expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_product_attention_half_matches_float32(dtype, monkeypatch):
+    monkeypatch.setattr("lavie_core.vae._ATTN_SCORE_BUDGET", 1 << 14)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 1, 1000, 512, generator=g, device="cuda") for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    out = product_attention(*(t.to(dtype) for t in (q, k, v))).float()
+    assert ((out - ref).norm() / ref.norm()).item() < (2e-3 if dtype == torch.float16 else 1.5e-2)
