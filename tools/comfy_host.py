@@ -88,7 +88,7 @@ def _free_port() -> int:
 class ComfyServer:
     def __init__(self, work_dir: str | Path | None = None, host_dir: Path = HOST_DIR,
                  pack_dir: Path = REPO_ROOT, python: str = sys.executable,
-                 startup_timeout: float = 120.0, extra_args: tuple[str, ...] = ()):
+                 startup_timeout: float = 120.0, extra_args: tuple[str, ...] = (), cpu: bool = True):
         self._own_work_dir = work_dir is None
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="comfy-host-")).resolve()
         self.host_dir = Path(host_dir)
@@ -96,6 +96,7 @@ class ComfyServer:
         self.python = python
         self.startup_timeout = startup_timeout
         self.extra_args = tuple(extra_args)
+        self.cpu = cpu  # False: the host picks its GPU, as a user's ComfyUI does
         self.custom_nodes_dir = self.work_dir / "custom_nodes"
         self.models_dir = self.work_dir / "models"
         self.output_dir = self.work_dir / "output"
@@ -137,7 +138,7 @@ class ComfyServer:
         yaml_path = self._prepare()
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        cmd = [self.python, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--extra-model-paths-config", str(yaml_path),
                "--output-directory", str(self.output_dir), "--input-directory", str(self.input_dir),
                "--temp-directory", str(self.temp_dir.parent), *self.extra_args]
@@ -298,6 +299,7 @@ class ComfyServer:
                 return
             else:
                 continue
+            msg["received"] = time.monotonic()
             payload = msg.get("data") or {}
             prompt_id = payload.get("prompt_id") if isinstance(payload, dict) else None
             with self._lock:
@@ -308,7 +310,8 @@ class ComfyServer:
                     self._done.setdefault(prompt_id, threading.Event()).set()
 
     def messages(self, prompt_id: str) -> list[dict]:
-        """Websocket messages ({"type", "data"}) received for one prompt, in order."""
+        """Websocket messages ({"type", "data"}, plus "received": the client's time.monotonic() on arrival)
+        received for one prompt, in order."""
         with self._lock:
             return list(self._messages.get(prompt_id, []))
 
