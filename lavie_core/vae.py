@@ -190,8 +190,8 @@ def _product_attention_serves(q: Tensor) -> bool:
 def product_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """`softmax(q k^T / sqrt(d)) v` of `... n d` tensors as two matmuls per block of query rows, at most
     `_ATTN_SCORE_BUDGET` scores at a time: float32 scores and softmax, the weights meeting v in its dtype, as
-    in flash attention. For heads no fused kernel takes, where two tensor-core matmuls and a softmax pass are
-    about 20x faster than SDPA's memory-efficient kernel (x4 decode of two 320x512 latents on an H200)."""
+    in flash attention. For heads no fused kernel takes: the x4 decode of two 320x512 latents on an H200 took
+    0.62 s this way, against 6.58 s with SDPA's memory-efficient kernel."""
     lead, (n, d) = q.shape[:-2], q.shape[-2:]
     q, k, v = (t.reshape(-1, t.shape[-2], t.shape[-1]) for t in (q, k, v))
     out = torch.empty(q.shape[:-1] + (v.shape[-1],), device=q.device, dtype=v.dtype)
