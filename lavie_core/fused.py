@@ -417,8 +417,8 @@ if triton is not None:
         # statistics are one row reduction. The sums arrive as `splits` partial sums (`_channel_sums_kernel`'s
         # programs along the rows), added up here SPLIT_BLOCK at a time (loads in flight together: one at a
         # time, the loop's latency made the kernels of a base call take 0.61 ms instead of 0.26 on an H200)
-        # rather than by a kernel of their own. The
-        # interpreter takes only constant loop bounds: there the count is INTERPRETER_SPLITS (0 on GPUs).
+        # rather than by a kernel of their own. The interpreter takes only constant loop bounds: there the
+        # count is INTERPRETER_SPLITS (0 on GPUs).
         sample = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1) * GROUP_BLOCK + tl.arange(0, GROUP_BLOCK)
         j = tl.arange(0, GROUP_PAD)
@@ -560,24 +560,6 @@ if triton is not None:
         y = centred * rstd[:, None] * weight[None, :] + bias[None, :]
         tl.store(out_ptr + r.to(tl.int64)[:, None] * channels + cols[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
-    def _softmax_row(scores, out, n, scale_log2, BLOCK: tl.constexpr):
-        lane = tl.arange(0, BLOCK)
-        m = tl.full((BLOCK,), -1.0e30, tl.float32)
-        total = tl.zeros((BLOCK,), tl.float32)
-        for start in range(0, n, BLOCK):
-            c = start + lane
-            v = tl.load(scores + c, mask=c < n, other=float("-inf")) * scale_log2
-            m_new = tl.maximum(m, v)
-            total = total * tl.math.exp2(m - m_new) + tl.math.exp2(v - m_new)
-            m = m_new
-        peak = tl.max(m, 0)
-        inv = 1.0 / tl.sum(total * tl.math.exp2(m - peak), 0)
-        for start in range(0, n, BLOCK):
-            c = start + lane
-            v = tl.load(scores + c, mask=c < n, other=float("-inf")) * scale_log2
-            tl.store(out + c, (tl.math.exp2(v - peak) * inv).to(out.dtype.element_ty), mask=c < n)
-
     @triton.jit(do_not_specialize=["columns"])
     def _softmax_rows_kernel(
         s_ptr, out_ptr, columns, scale_log2, BLOCK: tl.constexpr, INTERPRETER_COLUMNS: tl.constexpr,
@@ -587,10 +569,22 @@ if triton is not None:
         # floor rather than -inf, so a lane that never sees a score adds exp2(floor - max) = 0, not NaN. The
         # interpreter takes only constant loop bounds: there INTERPRETER_COLUMNS is the count (0 on GPUs).
         row = tl.program_id(0).to(tl.int64)
-        if INTERPRETER_COLUMNS:
-            _softmax_row(s_ptr + row * columns, out_ptr + row * columns, INTERPRETER_COLUMNS, scale_log2, BLOCK)
-        else:
-            _softmax_row(s_ptr + row * columns, out_ptr + row * columns, columns, scale_log2, BLOCK)
+        scores, out = s_ptr + row * columns, out_ptr + row * columns
+        lane = tl.arange(0, BLOCK)
+        m = tl.full((BLOCK,), -1.0e30, tl.float32)
+        total = tl.zeros((BLOCK,), tl.float32)
+        for start in range(0, INTERPRETER_COLUMNS if INTERPRETER_COLUMNS else columns, BLOCK):
+            c = start + lane
+            v = tl.load(scores + c, mask=c < columns, other=float("-inf")) * scale_log2
+            m_new = tl.maximum(m, v)
+            total = total * tl.math.exp2(m - m_new) + tl.math.exp2(v - m_new)
+            m = m_new
+        peak = tl.max(m, 0)
+        inv = 1.0 / tl.sum(total * tl.math.exp2(m - peak), 0)
+        for start in range(0, INTERPRETER_COLUMNS if INTERPRETER_COLUMNS else columns, BLOCK):
+            c = start + lane
+            v = tl.load(scores + c, mask=c < columns, other=float("-inf")) * scale_log2
+            tl.store(out + c, (tl.math.exp2(v - peak) * inv).to(out_ptr.dtype.element_ty), mask=c < columns)
 
     @triton.jit(do_not_specialize=["rows", "height", "width"])
     def _upsample_phases_kernel(
