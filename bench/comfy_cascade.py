@@ -50,9 +50,13 @@ VAE_X4_FILE, VAE_X8_FILE = defaults.VAE_X4_FILE, defaults.VAE_X8_FILE
 
 WORKFLOW = ROOT / "workflows" / "api" / "lavie_full_cascade.json"
 TOKENIZER = ROOT / "bundled" / TINY_DIR / TEXT_ENCODER_DIR
-# (hidden, layers, heads, activation) of the released components' text encoders: SD 1.x's CLIP ViT-L/14 and
-# the x4 upscaler's OpenCLIP ViT-H/14 text tower.
-TEXT_ENCODERS = {"random-sd": (768, 12, 12, "quick_gelu"), "random-x4": (1024, 23, 16, "gelu")}
+# Per VAE kind (the components loader's `vae` input): the components folder, the text encoder's (hidden,
+# layers, heads, activation) as released (SD 1.x's CLIP ViT-L/14, the x4 upscaler's OpenCLIP ViT-H/14 text
+# tower), and the VAE's file and config.
+COMPONENTS = {
+    "x8": ("random-sd", (768, 12, 12, "quick_gelu"), VAE_X8_FILE, VAEConfig.sd),
+    "x4": ("random-x4", (1024, 23, 16, "gelu"), VAE_X4_FILE, VAEConfig.x4_upscaler),
+}
 UNET_FILES = {kind: Path(name).with_suffix(".safetensors").name for kind, name in RELEASED_UNETS.items()}
 
 
@@ -95,15 +99,14 @@ def write_random_weights(lavie_dir: Path, seed: int) -> None:
         if not (lavie_dir / name).exists():
             print(f"writing {name}", flush=True)
             _save(random_model(kind, device, seed + i).state_dict(), lavie_dir / name)
-    for i, (folder, (hidden, layers, heads, act)) in enumerate(TEXT_ENCODERS.items()):
+    for i, (folder, (hidden, layers, heads, act), vae_file, vae_config) in enumerate(COMPONENTS.values()):
         root = lavie_dir / folder
-        vae_file, vae_config = (VAE_X8_FILE, VAEConfig.sd()) if folder == "random-sd" else (VAE_X4_FILE, VAEConfig.x4_upscaler())
         if not (root / TEXT_ENCODER_DIR / "model.safetensors").exists():
             print(f"writing {folder}/{TEXT_ENCODER_DIR}", flush=True)
             _write_text_encoder(root / TEXT_ENCODER_DIR, hidden, layers, heads, act, seed + 10 + i)
         if not (root / vae_file).exists():
             print(f"writing {folder}/{vae_file}", flush=True)
-            _save(_random_vae(vae_config, device, seed + 20 + i), root / vae_file)
+            _save(_random_vae(vae_config(), device, seed + 20 + i), root / vae_file)
 
 
 def paper_graph(steps: int, seed: int, vsr_overlap: int) -> dict:
@@ -115,7 +118,7 @@ def paper_graph(steps: int, seed: int, vsr_overlap: int) -> dict:
         if kind == "LaVieLoader":
             inputs["ckpt_name"] = next(unets)
         elif kind == "LaVieComponentsLoader":
-            inputs["components"] = "random-sd" if inputs["vae"] == "x8" else "random-x4"
+            inputs["components"] = COMPONENTS[inputs["vae"]][0]
         elif kind == "LaVieSampler":
             inputs.update(frames=16, width=512, height=320)
         elif kind == "LaVieUpscale":
