@@ -19,14 +19,14 @@ other calls, and every call after a failed capture (logged once, with the reason
 
 ComfyUI starts torch with the cudaMallocAsync allocator (`PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync`,
 unless run with `--disable-cuda-malloc`). Memory it hands out during a capture is mapped only when the
-graph runs, so Triton's launcher, which asks the driver about every tensor's address, rejects it, and the
-failed capture then aborts the process when its tensors are freed (torch 2.11, Triton 3.6). While this
-module captures, the capturing thread's Triton launches get the tensors' addresses as plain integers,
-which the launcher takes as they are, and tensor descriptors their base so (`_raw_addresses`). Base call on an H200 under that allocator: 55.6 ms
-without graphs, 37.3 ms replayed; outputs bit-identical to plain calls at all three stages. Under that
-allocator any failed capture (a host read, an exception, an allocation refused) aborts the process as its
-tensors are freed, and nothing here can catch it; so there only the eager UNet, whose captures were
-checked, is captured, not a torch.compile'd one. The nodes' `cuda_graph` switch turns graphs off.
+graph runs, so Triton's launcher, which asks the driver about every tensor's address, rejects it (torch
+2.11, Triton 3.6). While this module captures, the capturing thread's Triton launches get the tensors'
+addresses as plain integers, which the launcher takes as they are, and tensor descriptors their base so
+(`_raw_addresses`). Base call on an H200 under that allocator: 55.6 ms without graphs, 37.3 ms replayed;
+outputs bit-identical to plain calls at all three stages. Under that allocator any failed capture (a host
+read, an exception, an allocation refused) aborts the process as its tensors are freed, and nothing here
+can catch it; so there only the eager UNet, whose captures were checked, is captured, not a
+torch.compile'd one. The nodes' `cuda_graph` switch turns graphs off.
 """
 from __future__ import annotations
 
