@@ -1,4 +1,4 @@
-"""Activation memory of a UNet call, traced on the meta device.
+"""Activation memory of a UNet call or a VAE decode, traced on the meta device.
 
 The forward pass runs on shape-only tensors while a dispatch mode follows every storage from the op that
 creates it until the last tensor viewing it is gone; the largest sum of live storages is the activation
@@ -29,9 +29,11 @@ from torch.utils._pytree import tree_leaves
 
 from . import fused
 from .config import UNetConfig
+from .temporal_vae import TemporalAutoencoder, TemporalVAEConfig
 from .unet import LaVieUNet
+from .vae import AutoencoderKL, VAEConfig
 
-__all__ = ["trace_peak", "unet_activation_peak"]
+__all__ = ["decode_activation_peak", "trace_peak", "unet_activation_peak"]
 
 
 class _StorageTracker(TorchDispatchMode):
@@ -143,3 +145,26 @@ def unet_activation_peak(
         context = torch.empty(batch, 77, config.cross_attention_dim, dtype=dtype)
     noise_level = 0 if config.num_noise_levels is not None else None
     return trace_peak(lambda: model(x, torch.zeros(1), context, noise_level), device=device_type, kernels=kernels)
+
+
+@functools.lru_cache(maxsize=64)
+def decode_activation_peak(
+    config: VAEConfig | TemporalVAEConfig,
+    frames: int,
+    height: int,
+    width: int,
+    dtype: torch.dtype,
+    device_type: str = "cuda",
+    kernels: bool = True,
+) -> int:
+    """Traced activation bytes of decoding `frames` latents of `height x width` in one call: a per-image VAE
+    (`VAEConfig`) takes them as a batch, a temporal one (`TemporalVAEConfig`) as one video. Weights and
+    inputs are not included; the output is."""
+    with torch.device("meta"):
+        if isinstance(config, TemporalVAEConfig):
+            vae: torch.nn.Module = TemporalAutoencoder(config).to(dtype)
+            z = torch.empty(1, config.latent_channels, frames, height, width, dtype=dtype)
+        else:
+            vae = AutoencoderKL(config).to(dtype)
+            z = torch.empty(frames, config.latent_channels, height, width, dtype=dtype)
+    return trace_peak(lambda: vae.decode(z), device=device_type, kernels=kernels)

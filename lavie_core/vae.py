@@ -23,7 +23,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from . import fused
-from .blocks import upsample_conv
+from .blocks import group_norm, upsample_conv
 
 __all__ = [
     "VAEConfig",
@@ -92,6 +92,20 @@ def _preset_scaling(levels: int, default: float | None = None) -> float | None:
     return {4: VAEConfig.sd().scaling_factor, 3: VAEConfig.x4_upscaler().scaling_factor}.get(levels, default)
 
 
+def _fused_norm(x: Tensor) -> bool:
+    """Whether `norm` below takes x's fused path: a channels-last image batch the kernels take."""
+    return x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and fused.eager_kernels_usable(x)
+
+
+def norm(layer: nn.GroupNorm, x: Tensor, *, silu: bool = False) -> Tensor:
+    """GroupNorm (then SiLU), in one pass of the fused kernels over channels-last images on NVIDIA GPUs
+    (`blocks.group_norm`), else torch's, the SiLU in place where autograd is off."""
+    if _fused_norm(x):
+        return group_norm(x, layer, silu=silu)
+    out = layer(x)
+    return F.silu(out, inplace=not torch.is_grad_enabled()) if silu else out
+
+
 class ResnetBlock(nn.Module):
     """GroupNorm -> SiLU -> conv twice, plus the input (through a 1x1 conv when the width changes).
 
@@ -114,10 +128,13 @@ class ResnetBlock(nn.Module):
         return nn.Conv2d(in_channels, out_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        # Without autograd the residual add writes into conv2's output, and conv1's output is freed before
+        # conv2 writes: at the x4 decoder's full resolution each tensor saved is 0.6-1.25 GiB per frame.
+        h = self.conv1(norm(self.norm1, x, silu=True))
+        h = norm(self.norm2, h, silu=True)
+        h = self.conv2(h)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
-        return skip + h
+        return skip + h if torch.is_grad_enabled() else h.add_(skip)
 
 
 class Downsample(nn.Module):
@@ -152,7 +169,7 @@ class SpatialSelfAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         _, _, h, w = x.shape
-        tokens = rearrange(self.group_norm(x), "b c h w -> b 1 (h w) c")
+        tokens = rearrange(norm(self.group_norm, x), "b c h w -> b 1 (h w) c")
         q, k, v = self.to_q(tokens), self.to_k(tokens), self.to_v(tokens)
         if _product_attention_serves(q):
             out = product_attention(q, k, v)
@@ -176,8 +193,10 @@ _OUT_DTYPE_MM: dict[torch.device, bool] = {}
 def _product_attention_serves(q: Tensor) -> bool:
     """Whether `product_attention` takes q: a half-precision CUDA tensor with heads too wide for SDPA's fused
     kernels, and a torch whose matmuls write float32 products of half-precision inputs (`out_dtype`)."""
-    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] > _FUSED_SDPA_MAX_HEAD_DIM):
+    if not (fused.is_cuda(q) and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] > _FUSED_SDPA_MAX_HEAD_DIM):
         return False
+    if q.is_meta:  # a memory trace of a CUDA call (`lavie_core.memory`): the blocks of scores count
+        return True
     if q.device not in _OUT_DTYPE_MM:
         probe = torch.ones(1, 1, device=q.device, dtype=q.dtype)
         try:
@@ -241,7 +260,7 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """`layers` resnets, then an optional 2x upsample; `resnet` and `forward`'s extra arguments as in MidBlock."""
+    """`layers` resnets, then an optional 2x upsample; `resnet` as in MidBlock. `Decoder.forward` runs them."""
 
     def __init__(
         self,
@@ -257,13 +276,6 @@ class UpBlock(nn.Module):
             [resnet(in_channels if i == 0 else out_channels, out_channels, groups) for i in range(layers)]
         )
         self.upsamplers = nn.ModuleList([Upsample(out_channels)] if upsample else [])
-
-    def forward(self, x: Tensor, *context: object) -> Tensor:
-        for block in self.resnets:
-            x = block(x, *context)
-        for block in self.upsamplers:
-            x = block(x)
-        return x
 
 
 class Encoder(nn.Module):
@@ -286,7 +298,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(norm(self.conv_norm_out, x, silu=True))
 
 
 class Decoder(nn.Module):
@@ -312,9 +324,14 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor, *context: object) -> Tensor:
         x = self.mid_block(self.conv_in(z), *context)
+        # The up blocks' layers run from here: a call per block would hold the block's input through all its
+        # layers (at the x4 decoder's last block, 256 channels at full resolution: 1.25 GiB per frame in fp16).
         for block in self.up_blocks:
-            x = block(x, *context)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+            for resnet in block.resnets:
+                x = resnet(x, *context)
+            for upsample in block.upsamplers:
+                x = upsample(x)
+        return self.conv_out(norm(self.conv_norm_out, x, silu=True))
 
 
 def posterior(moments: Tensor) -> tuple[Tensor, Tensor]:
@@ -347,7 +364,15 @@ class AutoencoderKL(nn.Module):
         return posterior(self.quant_conv(self.encoder(x)))
 
     def decode(self, z: Tensor) -> Tensor:
-        """Unscaled latents `b latent h w` -> images `b c h*k w*k`, roughly in [-1, 1]."""
+        """Unscaled latents `b latent h w` -> images `b c h*k w*k`, roughly in [-1, 1].
+
+        Where the fused kernels run, the decoder runs channels-last: cuDNN's half-precision convolutions
+        take NHWC without copying NCHW tensors into its workspace, and the GroupNorm and SiLU are one pass.
+        On an H200 (fp16) the x4 decode of one 320x512 latent went from 366 to 221 ms and from 5.0 to
+        3.1 GiB.
+        """
+        if fused.eager_kernels_usable(z):
+            z = z.contiguous(memory_format=torch.channels_last)
         return self.decoder(self.post_quant_conv(z))
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lavie_core import UNetConfig, fused
 from lavie_core import pipeline as P
 from lavie_core import unet as unet_module
-from lavie_core.memory import trace_peak, unet_activation_peak
+from lavie_core.memory import decode_activation_peak, trace_peak, unet_activation_peak
 from test_unet import KINDS, inputs, tiny_model
 
 GIB = 2**30
@@ -155,3 +155,46 @@ def test_trace_counts_the_copy_a_norm_kernel_makes_of_rows_out_of_order(op):
     call = (lambda: fused.channel_sums(rows)) if op == "channel_sums" else (lambda: fused.scale_shift(rows, per_channel, per_channel))
     output = 2 * 2 * 64 * 4 if op == "channel_sums" else rows.numel() * 2
     assert trace_peak(call, device="cuda") == rows.numel() * 2 + output
+
+
+# Peak allocated minus weights and input of one fp16 `decode` of random latents on an H200 (cudnn.benchmark off,
+# torch's own allocator, the peak of the second of two calls).
+DECODE_H200_MEASURED = [
+    pytest.param("x4", 1, 320, 512, 3.128, id="x4-1f"),
+    pytest.param("x4", 2, 320, 512, 6.255, id="x4-2f"),
+    pytest.param("x4", 4, 320, 512, 12.511, id="x4-4f"),
+    pytest.param("sd", 8, 40, 64, 1.563, id="sd-8f"),
+    pytest.param("sd", 16, 40, 64, 3.126, id="sd-16f"),
+    pytest.param("svd", 14, 40, 64, 4.376, id="temporal-14f"),
+]
+
+
+def _decode_config(name):
+    from lavie_core.temporal_vae import TemporalVAEConfig
+    from lavie_core.vae import VAEConfig
+
+    return {"x4": VAEConfig.x4_upscaler, "sd": VAEConfig.sd, "svd": TemporalVAEConfig.svd}[name]()
+
+
+@pytest.mark.parametrize("name,frames,h,w,measured_gib", DECODE_H200_MEASURED)
+def test_decode_estimate_covers_the_peaks_measured_on_an_h200(name, frames, h, w, measured_gib):
+    config = _decode_config(name)
+    traced = decode_activation_peak(config, frames, h, w, torch.float16, "cuda", True) / GIB
+    estimate = P.estimate_decode_memory(config, frames, h, w, device="cuda") / GIB
+    if name != "svd":  # the temporal decoder's NCHW convolutions add cuDNN's copies, which the margin covers
+        assert traced == pytest.approx(measured_gib, rel=1e-3)
+    assert measured_gib < estimate < 1.3 * measured_gib
+
+
+def test_x4_decode_peak_is_two_and_a_half_full_resolution_tensors_per_frame():
+    # The last up block's first resnet: its input (256 channels at 1280x2048), that input normalised (the
+    # fused GroupNorm-SiLU's one output) and conv1's output (128 channels), in fp16.
+    per_frame = (256 + 256 + 128) * 1280 * 2048 * 2
+    for frames in (1, 3):
+        traced = decode_activation_peak(_decode_config("x4"), frames, 320, 512, torch.float16, "cuda", True)
+        assert traced == pytest.approx(frames * per_frame, rel=1e-3)
+
+
+def test_decode_estimate_rejects_impossible_sizes():
+    with pytest.raises(ValueError, match="frames"):
+        P.estimate_decode_memory(_decode_config("sd"), 0, 40, 64)

@@ -17,6 +17,7 @@ from lavie_core.vae import (
     infer_vae_config,
     is_ldm_layout,
     load_vae,
+    norm,
     product_attention,
 )
 
@@ -316,3 +317,41 @@ def test_product_attention_half_matches_float32(dtype, monkeypatch):
     ref = F.scaled_dot_product_attention(q, k, v)
     out = product_attention(*(t.to(dtype) for t in (q, k, v))).float()
     assert ((out - ref).norm() / ref.norm()).item() < (2e-3 if dtype == torch.float16 else 1.5e-2)
+
+
+def test_decoding_without_autograd_writes_in_place_and_gives_the_same_images(vae, exact_conv):
+    # In-place SiLU and residual adds without autograd; with it, the same arithmetic out of place, so that
+    # training (the bundled VAEs) can differentiate through the decoder.
+    z = torch.randn(2, vae.config.latent_channels, 6, 5, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        lean = vae.decode(z)
+    with torch.enable_grad():
+        z_grad = z.clone().requires_grad_()
+        traced = vae.decode(z_grad)
+        traced.square().mean().backward()
+    assert torch.equal(lean, traced.detach()) and z_grad.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("silu", [False, True], ids=["norm", "norm-silu"])
+def test_norm_off_the_fused_path_is_torchs_group_norm(silu):
+    layer = torch.nn.GroupNorm(4, 16)
+    torch.nn.init.normal_(layer.weight)
+    x = torch.randn(2, 16, 5, 7, generator=torch.Generator().manual_seed(0))
+    expected = layer(x)
+    with torch.no_grad():
+        out = norm(layer, x.contiguous(memory_format=torch.channels_last), silu=silu)
+    torch.testing.assert_close(out, F.silu(expected) if silu else expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_channels_last_decode_on_cuda_matches_the_cpu(dtype, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    vae = random_vae(VAEConfig.tiny(3))
+    z = torch.randn(2, 4, 12, 10, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = vae.decode(z)
+        out = vae.to("cuda", dtype).decode(z.to("cuda", dtype)).float().cpu()
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert ((out - ref).norm() / ref.norm()).item() < (1e-5 if dtype == torch.float32 else 3e-3)
