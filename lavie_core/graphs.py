@@ -11,7 +11,7 @@ algorithm choice, Triton's and torch.compile's compilation); the next call with 
 graph, and later calls replay it. Inputs are copied into the graph's own buffers and the output comes back
 as a copy, so results never overwrite each other. All graphs of one wrapper share one memory pool: it holds
 the activations of its largest call, as plain calls would (VSR windows of two sizes get two graphs, not
-twice the memory). Drop the wrapper to free it.
+twice the memory). Drop the wrapper, or `release()` it, to free it.
 
 Graphs read the weights where they were at capture: patch them in place (LoRA) and the graphs follow; move
 or replace them and build a new wrapper. Only CUDA inputs on NVIDIA GPUs are captured (`graphs_available`);
@@ -26,12 +26,18 @@ addresses as plain integers, which the launcher takes as they are, and tensor de
 outputs bit-identical to plain calls at all three stages. Under that allocator any failed capture (a host
 read, an exception, an allocation refused) aborts the process as its tensors are freed, and nothing here
 can catch it; so there only the eager UNet, whose captures were checked, is captured, not a
-torch.compile'd one. The nodes' `cuda_graph` switch turns graphs off.
+torch.compile'd one. The nodes' `cuda_graph` switch turns graphs off. Under that allocator, memory that graphs
+allocated also stays with the driver after they are destroyed, and torch's counters, which ComfyUI plans
+its loading with, no longer show it (on an H200, a graph of 4 GiB of temporaries: 4 GiB less free after
+the graph and `torch.cuda.empty_cache()` were gone); so releasing graphs trims it (`_trim_graph_memory`).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import ctypes.util
+import functools
 import logging
 import threading
 from typing import Any, Callable, Hashable, Iterator
@@ -81,6 +87,32 @@ def _triton_launcher() -> type | None:
     except ImportError:
         return None
     return CudaLauncher
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_driver() -> Any:
+    """The CUDA driver library (loaded already by torch), or None."""
+    for name in (ctypes.util.find_library("cuda"), "libcuda.so.1", "nvcuda.dll"):
+        if name:
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                continue
+    return None
+
+
+def _trim_graph_memory(device: torch.device) -> bool:
+    """Under cudaMallocAsync, hand the memory of destroyed graphs on `device` back to the driver
+    (`cuDeviceGraphMemTrim`); returns whether it did. The native allocator frees graph pools itself."""
+    if device.type != "cuda" or torch.cuda.get_allocator_backend() != "cudaMallocAsync":
+        return False
+    driver = _cuda_driver()
+    if driver is None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    handle = ctypes.c_int()
+    torch.cuda.synchronize(index)
+    return driver.cuDeviceGet(ctypes.byref(handle), index) == 0 and driver.cuDeviceGraphMemTrim(handle) == 0
 
 
 _CAPTURING = threading.local()
@@ -245,7 +277,16 @@ class GraphedCalls:
 
     def release(self) -> None:
         """Drop every graph and its memory pool; later calls capture again."""
+        device, captured = self._device, bool(self.graphs)
         self.graphs.clear()
         self._seen.clear()
         self._pool = None
         self._device = None
+        if captured and device is not None:
+            _trim_graph_memory(device)
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - at interpreter exit the CUDA context may be gone
+            pass

@@ -231,6 +231,15 @@ def test_stages_equal_with_and_without_graphs(stage, monkeypatch):
     assert len(made) == 1
 
 
+def run_under_cuda_malloc_async(script: str) -> subprocess.CompletedProcess:
+    """`script` in a fresh Python whose torch uses ComfyUI's default allocator (chosen at CUDA's start)."""
+    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_malloc_async_replays_graphs_equal_to_plain_calls():
@@ -253,12 +262,40 @@ def test_cuda_malloc_async_replays_graphs_equal_to_plain_calls():
         "graphed.release()\n"
         "torch.cuda.synchronize()\n"
     )
-    env = {**os.environ, "PYTORCH_CUDA_ALLOC_CONF": "backend:cudaMallocAsync",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = run_under_cuda_malloc_async(script)
     # A compiled UNet is not captured there: its captures were not checked, and a failed one would abort.
     assert done.stdout.split()[-5:] == ["cudaMallocAsync", "True", "2", "None", "False"]
     # The outputs live outside the captures: releasing the graphs frees no captured allocation by hand,
     # which torch warns about at every release under this allocator.
     assert "technically allowed" not in done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_released_graphs_give_their_memory_back_under_cuda_malloc_async():
+    """Under cudaMallocAsync the driver keeps a destroyed graph's memory, unseen by torch's counters, until it
+    is trimmed: after `release()` (or dropping the wrapper) the device's free memory is back."""
+    script = (
+        "import torch\n"
+        "from lavie_core.graphs import GraphedCalls\n"
+        "a = torch.ones(1024, 1024, device='cuda')\n"
+        "def temporaries(a):\n"
+        "    return (a.repeat(256, 1) * 2).sum(0)  # 1 GiB of float32 temporaries\n"
+        "def free():\n"
+        "    torch.cuda.synchronize(); torch.cuda.empty_cache()\n"
+        "    return torch.cuda.mem_get_info()[0] / 2**20\n"
+        "before = free()\n"
+        "for drop in (lambda g: g.release(), lambda g: None):\n"
+        "    graphed = GraphedCalls(temporaries)\n"
+        "    for _ in range(3):\n"
+        "        graphed(a)\n"
+        "    held = free()\n"
+        "    captured = len(graphed.graphs)\n"
+        "    drop(graphed)\n"
+        "    del graphed\n"
+        "    print(captured, round(before - held), round(before - free()))\n"
+    )
+    done = run_under_cuda_malloc_async(script)
+    for line in done.stdout.splitlines()[-2:]:
+        captured, held_mib, left_mib = (int(v) for v in line.split())
+        assert captured == 1 and held_mib >= 1000 and left_mib < 64, line
