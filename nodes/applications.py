@@ -26,6 +26,7 @@ from .models import (
     LaVieModel,
     LaVieVAE,
     contexts,
+    decode_memory,
     image_to_video,
     raw_to_video,
     require_kind,
@@ -202,13 +203,14 @@ class LaVieExtendVideo:
             height, width = initial.shape[-2] * 8, initial.shape[-1] * 8
         start = initial.shape[2] if initial is not None else min(clip_frames, total_frames)
         clips = len(clip_plan(total_frames, clip_frames, cond_frames, start)) + (initial is None)
-        unet = model.load(memory(model, clip_frames, height // 8, width // 8, cfg))
+        need = memory(model, clip_frames, height // 8, width // 8, cfg)
+        unet = model.load(need)
         bar = bridge.progress(max(1, clips) * steps, latent_format="sd15", device=model.device)
         latents = run_stage(
             node, extend_video, unet, context, uncond,
             total_frames=total_frames, clip_frames=clip_frames, cond_frames=cond_frames, cond_noise=cond_noise,
             uncond_guidance=uncond_guidance, initial=initial, height=height, width=width,
-            **stage_kwargs(model, bar, steps=steps, cfg=cfg, sampler_name=sampler_name, schedule=schedule, seed=seed),
+            **stage_kwargs(model, bar, need, steps=steps, cfg=cfg, sampler_name=sampler_name, schedule=schedule, seed=seed),
         )
         return ({"samples": video_to_raw(latents, STAGE_SCALE["base"])},)
 
@@ -254,13 +256,14 @@ class LaVieSlidingWindowSampler:
         raise_if_invalid(node, self.VALIDATE_INPUTS(width, height, context_length, context_overlap))
         model = require_kind(model, "base", node)
         context, uncond = contexts(positive, negative, model, node)
-        unet = model.load(memory(model, min(context_length, frames), height // 8, width // 8, cfg))
+        need = memory(model, min(context_length, frames), height // 8, width // 8, cfg)
+        unet = model.load(need)
         bar = bridge.progress(steps, latent_format="sd15", device=model.device)
         latents = run_stage(
             node, sliding_window_video, unet, context, uncond,
             frames=frames, context_length=context_length, context_overlap=context_overlap, height=height,
             width=width, latent_device="cpu",
-            **stage_kwargs(model, bar, steps=steps, cfg=cfg, sampler_name=sampler_name, schedule=schedule, seed=seed),
+            **stage_kwargs(model, bar, need, steps=steps, cfg=cfg, sampler_name=sampler_name, schedule=schedule, seed=seed),
         )
         return ({"samples": video_to_raw(latents, STAGE_SCALE["base"])},)
 
@@ -310,10 +313,12 @@ class LaVieVideoVAE:
         frames = samples_in.shape[0]
         bar = bridge.progress(frames, latent_format=None)
         if self.temporal is not None:
-            module = bridge.load_module(self.patcher)
+            device = bridge.load_device(self.patcher)
+            need = decode_memory(bridge.module_of(self.patcher), min(self.chunk, frames), *samples_in.shape[-2:], device)
+            module = bridge.load_module(self.patcher, need)
             video = decode_video_temporal(
                 module, raw_to_video(samples_in, self.scaling_factor), chunk=self.chunk, overlap=self.overlap,
-                device=bridge.load_device(self.patcher), out_device="cpu", callback=bar.tick,
+                device=device, out_device="cpu", callback=bar.tick,
             )
             return video_to_image(video)
         return self._decode_2d(samples_in, bar)

@@ -211,6 +211,10 @@ def _load_kwargs(memory_required: int) -> dict[str, Any]:
 
 def load_module(patcher: Any, memory_required: int = 0) -> torch.nn.Module:
     """Load the patcher's module onto its compute device (offloading other models as needed) and return it."""
+    if memory_required:
+        # The host counts torch's cached memory as free, and under cudaMallocAsync a fragmented pool could not
+        # serve a stage's large tensors from it: handed back first, the host offloads what the stage needs.
+        soft_empty_cache()
     mm.load_models_gpu([patcher], **_load_kwargs(memory_required))
     holder = patcher.model
     device = patcher.load_device
@@ -225,12 +229,33 @@ def load_module(patcher: Any, memory_required: int = 0) -> torch.nn.Module:
     return holder.inner
 
 
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` as the host counts them (the driver's free memory and torch's unused cache)."""
+    try:
+        return int(mm.get_free_memory(device))
+    except Exception:  # an unknown device or an older host: take it as ample, as before this check
+        return 1 << 62
+
+
 def module_of(patcher: Any) -> torch.nn.Module:
     return patcher.model.inner
 
 
 def load_device(patcher: Any) -> torch.device:
     return patcher.load_device
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the device running out of memory: torch's OutOfMemoryError, or the CUDA error a
+    graph replay raises (under cudaMallocAsync graph memory is mapped at replay)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+def unload_all() -> None:
+    """Move every model the host holds off the compute device and empty torch's cache."""
+    mm.unload_all_models()
+    soft_empty_cache()
 
 
 def soft_empty_cache() -> None:

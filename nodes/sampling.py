@@ -23,6 +23,7 @@ from .common import (
     run_stage,
     size_check,
     size_inputs,
+    smaller_chunks,
     stage_kwargs,
 )
 from .models import (
@@ -69,11 +70,12 @@ class LaVieSampler:
         raise_if_invalid(node, self.VALIDATE_INPUTS(width, height))
         model = require_kind(model, "base", node)
         context, uncond = contexts(positive, negative, model, node)
-        unet = model.load(memory_required=memory(model, frames, height // 8, width // 8, cfg))
+        need = memory(model, frames, height // 8, width // 8, cfg)
+        unet = model.load(need)
         bar = bridge.progress(steps, latent_format="sd15", device=model.device)
         latents = run_stage(
             node, pipeline.text_to_video, unet, context, uncond, frames=frames, height=height, width=width,
-            **stage_kwargs(model, bar, steps=steps, cfg=cfg, sampler_name=sampler_name, schedule=schedule, seed=seed),
+            **stage_kwargs(model, bar, need, steps=steps, cfg=cfg, sampler_name=sampler_name, schedule=schedule, seed=seed),
         )
         return ({"samples": video_to_raw(latents, STAGE_SCALE["base"])},)
 
@@ -122,12 +124,13 @@ class LaVieInterpolate:
         context, uncond = contexts(positive, negative, model, node)
         window = frame_window or None
         out_frames = 4 * n - 3
-        unet = model.load(memory_required=memory(model, min(window or out_frames, out_frames), *samples.shape[-2:], cfg))
+        need = memory(model, min(window or out_frames, out_frames), *samples.shape[-2:], cfg)
+        unet = model.load(need)
         bar = bridge.progress(steps, latent_format="sd15", device=model.device)
         latents = run_stage(
             node, pipeline.interpolate, unet, raw_to_video(samples, STAGE_SCALE["interpolation"]), context, uncond,
             frame_window=window, window_overlap=window_overlap,
-            **stage_kwargs(model, bar, steps=steps, cfg=cfg, sampler_name=sampler_name, schedule=schedule, seed=seed),
+            **stage_kwargs(model, bar, need, steps=steps, cfg=cfg, sampler_name=sampler_name, schedule=schedule, seed=seed),
         )
         return ({"samples": video_to_raw(latents, STAGE_SCALE["interpolation"])},)
 
@@ -162,12 +165,14 @@ class LaVieUpscale:
             "tile_overlap": ("INT", {"default": 32, "min": 0, "max": MAX_SIZE, "tooltip": (
                 "Pixels shared by neighbouring tiles; blended to hide seams.")}),
             "chunk_frames": ("INT", {"default": 8, "min": 0, "max": 1024, "tooltip": (
-                "Frames the UNet sees at once (official: 8); 0 processes all frames together. GPU memory at a "
-                "320x512 input with guidance, fp16: about 19 GB for 8 frames, 10 GB for 4, 6 GB for 2.")}),
+                "Frames the UNet sees at once (official: 8); 0 processes all frames together. GPU memory of a "
+                "call at a 320x512 input with guidance, fp16, weights included: about 10.4 GiB for 8 frames, "
+                "6.2 GiB for 4.")}),
             "chunk_overlap": ("INT", {"default": 2, "min": 0, "max": 1024, "tooltip": (
                 "Frames shared by neighbouring chunks, blended for temporal consistency; 0 gives the official cuts.")}),
-            "decode_chunk": ("INT", {"default": 2, "min": 1, "max": 1024, "tooltip": (
-                "Frames the x4 VAE decodes at once; lower it if decoding runs out of memory.")}),
+            "decode_chunk": ("INT", {"default": 1, "min": 1, "max": 1024, "tooltip": (
+                "Frames the x4 VAE decodes at once. Each 1280x2048 frame needs about 3.1 GiB (fp16, NVIDIA "
+                "GPUs); more at once are no faster.")}),
         }}
 
     @classmethod
@@ -181,7 +186,7 @@ class LaVieUpscale:
     def upscale(self, model: LaVieModel, images: torch.Tensor, positive: list, negative: list, vae: Any,
                 noise_level: int, steps: int, cfg: float,
                 sampler_name: str, schedule: str, seed: int, tile: int = 0, tile_overlap: int = 32,
-                chunk_frames: int = 8, chunk_overlap: int = 2, decode_chunk: int = 2) -> tuple[torch.Tensor, dict]:
+                chunk_frames: int = 8, chunk_overlap: int = 2, decode_chunk: int = 1) -> tuple[torch.Tensor, dict]:
         node = "LaVie Upscale"
         model = require_kind(model, "vsr", node)
         check_vae(vae, "vsr", node)
@@ -189,15 +194,32 @@ class LaVieUpscale:
         context, uncond = contexts(positive, negative, model, node)
         low_res = image_to_video(images)
         _, _, f, h, w = low_res.shape
-        window_frames = min(chunk_frames or f, f)
-        unet = model.load(memory_required=memory(model, window_frames, min(tile or h, h), min(tile or w, w), cfg))
-        bar = bridge.progress(steps, latent_format="sd_x4", device=model.device)
-        latents = run_stage(
-            node, pipeline.upscale, unet, low_res, context, uncond,
-            noise_level=noise_level, tile=tile or None, tile_overlap=tile_overlap, chunk_frames=chunk_frames or None,
-            chunk_overlap=chunk_overlap, latent_device="cpu",
-            **stage_kwargs(model, bar, steps=steps, cfg=cfg, sampler_name=sampler_name, schedule=schedule, seed=seed),
-        )
+        # Out of GPU memory, the stage starts again with smaller chunks rather than fail the run.
+        plans = [(chunk_frames or None, chunk_overlap), *smaller_chunks(chunk_frames, chunk_overlap, f)]
+        for attempt, (window_frames, overlap) in enumerate(plans):
+            if attempt:
+                # After the except block: the failed attempt's tensors and graphs are gone by now.
+                bridge.unload_all()
+            need = memory(model, min(window_frames or f, f), min(tile or h, h), min(tile or w, w), cfg)
+            unet = model.load(need)
+            bar = bridge.progress(steps, latent_format="sd_x4", device=model.device)
+            try:
+                latents = run_stage(
+                    node, pipeline.upscale, unet, low_res, context, uncond, noise_level=noise_level,
+                    tile=tile or None, tile_overlap=tile_overlap, chunk_frames=window_frames, chunk_overlap=overlap,
+                    latent_device="cpu",
+                    **stage_kwargs(model, bar, need, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                                   schedule=schedule, seed=seed),
+                )
+                break
+            except Exception as e:
+                if not bridge.is_out_of_memory(e) or attempt == len(plans) - 1:
+                    raise
+                smaller, smaller_overlap = plans[attempt + 1]
+                bridge.log.warning(
+                    "LaVie: %s ran out of GPU memory with %d-frame chunks; starting again with %d-frame chunks "
+                    "overlapping by %d (set chunk_frames to %d to start there)", node, window_frames or f, smaller,
+                    smaller_overlap, smaller)
         del low_res
         samples = video_to_raw(latents, STAGE_SCALE["vsr"])
         del latents

@@ -455,9 +455,71 @@ def test_stages_ask_the_host_to_free_their_estimated_memory(loaded, monkeypatch)
     def estimate(model, frames, h, w):
         return pipeline.estimate_unet_memory(model.unet.config, frames, h, w, 2, model.unet.dtype, device=model.device)
 
-    # Guidance batched (two texts); the upscaler's window: 2-frame chunks of 16-pixel tiles.
+    # Guidance batched (two texts); the upscaler's window: 2-frame chunks of 16-pixel tiles; then the x4 VAE
+    # decoding two frames at a time (decode_chunk).
     assert asked[0] == estimate(loaded["base"], FRAMES, SIZE // 8, SIZE // 8) > 0
     assert asked[1] == estimate(loaded["vsr"], 2, 16, 16) > 0
+    vae = loaded["vae4"].vae
+    assert asked[2] == pipeline.estimate_decode_memory(vae.config, 2, 16, 24, vae.dtype, device="cpu") > 0
+
+
+@pytest.mark.parametrize(
+    "chunk,overlap,frames,expected",
+    [(8, 2, 61, [(4, 1), (2, 0), (1, 0)]), (8, 0, 61, [(4, 0), (2, 0), (1, 0)]), (0, 2, 5, [(2, 0), (1, 0)]),
+     (16, 4, 6, [(3, 2), (1, 0)]), (1, 0, 61, [])],
+    ids=["shipped", "paper", "all-frames", "chunk-over-frames", "one-frame"],
+)
+def test_out_of_memory_retries_halve_the_chunk_and_its_overlap(pack, chunk, overlap, frames, expected):
+    assert sub("common").smaller_chunks(chunk, overlap, frames) == expected
+
+
+@pytest.mark.parametrize(
+    "error,expected",
+    [(torch.cuda.OutOfMemoryError("CUDA out of memory."), True), (RuntimeError("CUDA error: out of memory"), True),
+     (RuntimeError("shape mismatch"), False), (ValueError("out of memory"), False)],
+    ids=["torch-oom", "graph-replay", "other-runtime", "not-runtime"],
+)
+def test_out_of_memory_is_recognised(pack, error, expected):
+    assert sub("bridge").is_out_of_memory(error) is expected
+
+
+def test_upscale_out_of_memory_starts_again_with_smaller_chunks(loaded, monkeypatch, caplog):
+    from lavie_core import pipeline
+
+    tried = []
+    upscale = pipeline.upscale
+
+    def tight(*args, chunk_frames=None, chunk_overlap=0, **kwargs):
+        tried.append((chunk_frames, chunk_overlap))
+        if chunk_frames is None or chunk_frames > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.25 GiB")
+        return upscale(*args, chunk_frames=chunk_frames, chunk_overlap=chunk_overlap, **kwargs)
+
+    monkeypatch.setattr(pipeline, "upscale", tight)
+    node = sub("sampling").LaVieUpscale()
+    with caplog.at_level("WARNING", logger="LaVie"):
+        images, latent = node.upscale(loaded["vsr"], torch.rand(FRAMES, 16, 24, 3), loaded["pos"], loaded["neg"],
+                                      loaded["vae4"], 50, 1, 5.0, "ddim", "auto", 0, 0, 32, 0, 2, 1)
+    assert tried == [(None, 2), (1, 0)] and images.shape == (FRAMES, 64, 96, 3)
+    assert "ran out of GPU memory with 3-frame chunks; starting again with 1-frame chunks" in caplog.text
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(pipeline, "upscale", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        node.upscale(loaded["vsr"], torch.rand(FRAMES, 16, 24, 3), loaded["pos"], loaded["neg"], loaded["vae4"],
+                     50, 1, 5.0, "ddim", "auto", 0, 0, 32, 8, 2, 1)
+
+
+@pytest.mark.parametrize("free_gib,need_gib,expected", [(20.0, 9.9, True), (9.9, 9.9, False), (1.0, 0.0, True)],
+                         ids=["room-for-two", "room-for-one", "unknown-need"])
+def test_graphs_need_room_for_the_activations_twice(loaded, monkeypatch, free_gib, need_gib, expected):
+    common = sub("common")
+    monkeypatch.setattr(sub("bridge"), "free_memory", lambda device: int(free_gib * 2**30))
+    assert common.graphs_fit(loaded["vsr"], int(need_gib * 2**30)) is expected
+    monkeypatch.setattr(loaded["vsr"], "cuda_graph", False)
+    assert common.graphs_fit(loaded["vsr"], 0) is False
 
 
 # ----------------------------------------------------------------------------- decoding
