@@ -661,8 +661,8 @@ def estimate_decode_memory(
     device: torch.device | str = "cuda",
 ) -> int:
     """Activation bytes of decoding ``frames`` latents of ``height x width`` at once on ``device`` with the VAE
-    ``config`` describes (per-image or temporal), traced as ``estimate_unet_memory`` traces a UNet call and
-    given the same margin. Weights are not included.
+    ``config`` describes (per-image or temporal), traced as ``estimate_unet_memory`` traces a UNet call, with
+    its margin (the temporal VAE's NCHW decoder: ``_TEMPORAL_DECODE_OVER_TRACED``). Weights are not included.
     """
     int_at_least("frames", frames, 1)
     int_at_least("height", height, 1)

@@ -206,14 +206,13 @@ def graphs_fit(model: LaVieModel, need: int) -> bool:
 
 def smaller_chunks(chunk_frames: int, chunk_overlap: int, frames: int) -> list[tuple[int, int]]:
     """The (chunk_frames, chunk_overlap) to retry a VSR stage with after it ran out of memory: half the frames
-    each time, down to one, the overlap scaled alike so that the frames computed per output frame stay the
-    same (8 with overlap 2 -> 4 with 1 -> 2 with 0 -> 1)."""
-    chunk = min(chunk_frames or frames, frames)
+    each time, down to one, the overlap scaled alike (rounded down) so that the share of frames computed twice
+    does not grow (8 with overlap 2 -> 4 with 1 -> 2 with 0 -> 1)."""
+    first = chunk = min(chunk_frames or frames, frames)
     plans = []
     while chunk > 1:
-        smaller = chunk // 2
-        plans.append((smaller, chunk_overlap * smaller // max(1, min(chunk_frames or frames, frames))))
-        chunk = smaller
+        chunk //= 2
+        plans.append((chunk, chunk_overlap * chunk // first))
     return plans
 
 

@@ -205,10 +205,10 @@ class LaVieVAE:
         from lavie_core.vae import decode_video
 
         b, _, f, h, w = latents.shape
-        need = decode_memory(bridge.module_of(self.patcher), min(chunk, b * f), h, w, bridge.load_device(self.patcher))
+        device = bridge.load_device(self.patcher)
+        need = decode_memory(bridge.module_of(self.patcher), min(chunk, b * f), h, w, device)
         module = bridge.load_module(self.patcher, need)
-        return decode_video(module, latents, chunk=chunk, device=bridge.load_device(self.patcher),
-                            out_device="cpu", callback=callback)
+        return decode_video(module, latents, chunk=chunk, device=device, out_device="cpu", callback=callback)
 
     def decode(self, samples_in: torch.Tensor) -> torch.Tensor:
         latents = raw_to_video(samples_in, self.scaling_factor)
