@@ -39,6 +39,8 @@ __all__ = [
     "run_stage",
     "memory",
     "smaller_chunks",
+    "stage_fits",
+    "stage_need",
     "stage_kwargs",
 ]
 
@@ -202,6 +204,26 @@ def graphs_fit(model: LaVieModel, need: int) -> bool:
                         free / 2**30, GRAPH_ROOM * need / 2**30)
         return False
     return True
+
+
+# Over a whole VSR stage the allocator holds more of the card than the traced activations: its pool fragments
+# under the stage's mix of large tensors, and under cudaMallocAsync keeps growing for a while. Measured on an
+# H200 (VSR stages at 320x512, guided, fp16), above the weights: under cudaMallocAsync 10.5-11.8 GiB for 8-frame
+# chunks (estimated 9.7), 5.8-6.9 for 4 (4.85) and 5.1 for 2 (3.95); under torch's own allocator 13.6 for 8 and
+# 6.8 for 4. Through ComfyUI the 12 GiB card's 8-frame chunks (9.9 GiB free) and the 8 GiB card's 4- and 2-frame
+# chunks (5.9 free; the 2-frame ones after hundreds of calls) ran out of memory. The rule below holds every one.
+STAGE_ROOM = 1.25
+STAGE_SLACK = int(1.75 * 2**30)
+
+
+def stage_need(need: int) -> int:
+    """Free bytes a stage whose calls need ``need`` bytes of activations (0: unknown) likely runs in."""
+    return int(STAGE_ROOM * need + STAGE_SLACK) if need else 0
+
+
+def stage_fits(model: LaVieModel, need: int) -> bool:
+    """Whether a stage whose calls need ``need`` bytes of activations fits the free memory of ``model``'s device."""
+    return bridge.free_memory(model.device) >= stage_need(need)
 
 
 def smaller_chunks(chunk_frames: int, chunk_overlap: int, frames: int) -> list[tuple[int, int]]:

@@ -24,7 +24,9 @@ from .common import (
     size_check,
     size_inputs,
     smaller_chunks,
+    stage_fits,
     stage_kwargs,
+    stage_need,
 )
 from .models import (
     STAGE_SCALE,
@@ -167,7 +169,8 @@ class LaVieUpscale:
             "chunk_frames": ("INT", {"default": 8, "min": 0, "max": 1024, "tooltip": (
                 "Frames the UNet sees at once (official: 8); 0 processes all frames together. GPU memory of a "
                 "call at a 320x512 input with guidance, fp16, weights included: about 10.4 GiB for 8 frames, "
-                "6.2 GiB for 4.")}),
+                "6.2 GiB for 4. Where the card lacks room for a whole stage of them the node halves them, saying so in "
+                "the log.")}),
             "chunk_overlap": ("INT", {"default": 2, "min": 0, "max": 1024, "tooltip": (
                 "Frames shared by neighbouring chunks, blended for temporal consistency; 0 gives the official cuts.")}),
             "decode_chunk": ("INT", {"default": 1, "min": 1, "max": 1024, "tooltip": (
@@ -194,14 +197,24 @@ class LaVieUpscale:
         context, uncond = contexts(positive, negative, model, node)
         low_res = image_to_video(images)
         _, _, f, h, w = low_res.shape
-        # Out of GPU memory, the stage starts again with smaller chunks rather than fail the run.
+        # The chunk the card likely holds is chosen before the stage (stage_need); out of GPU memory all the
+        # same, the stage starts again with smaller chunks rather than fail the run.
         plans = [(chunk_frames or None, chunk_overlap), *smaller_chunks(chunk_frames, chunk_overlap, f)]
+        failed = False
         for attempt, (window_frames, overlap) in enumerate(plans):
-            if attempt:
+            if failed:
                 # After the except block: the failed attempt's tensors and graphs are gone by now.
                 bridge.unload_all()
             need = memory(model, min(window_frames or f, f), min(tile or h, h), min(tile or w, w), cfg)
-            unet = model.load(need)
+            unet = model.load(stage_need(need))
+            last = attempt == len(plans) - 1
+            if not last and not stage_fits(model, need):
+                smaller, smaller_overlap = plans[attempt + 1]
+                bridge.log.info(
+                    "LaVie: %s starts with %d-frame chunks overlapping by %d: %.1f GiB free, %d-frame chunks need "
+                    "about %.1f GiB (set chunk_frames to %d to start there)", node, smaller, smaller_overlap,
+                    bridge.free_memory(model.device) / 2**30, window_frames or f, stage_need(need) / 2**30, smaller)
+                continue
             bar = bridge.progress(steps, latent_format="sd_x4", device=model.device)
             try:
                 latents = run_stage(
@@ -213,8 +226,9 @@ class LaVieUpscale:
                 )
                 break
             except Exception as e:
-                if not bridge.is_out_of_memory(e) or attempt == len(plans) - 1:
+                if not bridge.is_out_of_memory(e) or last:
                     raise
+                failed = True
                 smaller, smaller_overlap = plans[attempt + 1]
                 bridge.log.warning(
                     "LaVie: %s ran out of GPU memory with %d-frame chunks; starting again with %d-frame chunks "

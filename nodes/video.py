@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -68,7 +69,15 @@ class LaVieDecode:
 
 # ----------------------------------------------------------------------------- saving
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    return (images[..., :3].float().clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
+    """IMAGE frames ``[F, H, W, C]`` in 0..1 as uint8 RGB ``[F, H, W, 3]``, rounded to nearest."""
+    # A frame at a time through one float buffer: whole-batch arithmetic on 61 frames of 1280x2048 made
+    # four 1.9 GB temporaries and took 5.5 s on two cores, a frame at a time 0.5 s.
+    out = torch.empty((*images.shape[:-1], 3), dtype=torch.uint8)
+    buf = None
+    for i, frame in enumerate(images):
+        buf = torch.mul(frame[..., :3].to("cpu", torch.float32), 255.0, out=buf)
+        out[i] = buf.clamp_(0.0, 255.0).round_()
+    return out.numpy()
 
 
 def _even(frame: np.ndarray) -> np.ndarray:
@@ -123,9 +132,12 @@ def write_preview(path: str, frames: np.ndarray, fps: float) -> None:
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     images = [Image.fromarray(f) for f in frames]
     if scale < 1.0:
-        images = [im.resize(size, Image.LANCZOS) for im in images]
+        # reducing_gap: a box reduction to twice the size first, then Lanczos, which Pillow documents as
+        # nearly indistinguishable from Lanczos alone; 61 frames of 1280x2048 in 0.9 s instead of 3.0.
+        images = [im.resize(size, Image.LANCZOS, reducing_gap=2.0) for im in images]
+    # method 2 of 0..6 (compression effort at the same quality): half method 4's time, 3% larger.
     images[0].save(path, save_all=True, append_images=images[1:], duration=max(1, round(1000 / fps)),
-                   loop=0, quality=80, method=4)
+                   loop=0, quality=80, method=2)
 
 
 class LaVieSaveVideo:
@@ -161,12 +173,14 @@ class LaVieSaveVideo:
         count, height, width = frames.shape[:3]
         folder, stem, counter, subfolder = bridge.save_path(filename_prefix, bridge.output_directory(), width, height)
         name = f"{stem}_{counter:05}_.{format}"
-        codec = write_video(os.path.join(folder, name), frames, fps, format)
-
         temp_folder, temp_stem, temp_counter, temp_sub = bridge.save_path(
             f"{stem}_preview", bridge.temp_directory(), width, height)
         preview = f"{temp_stem}_{temp_counter:05}_.webp"
-        write_preview(os.path.join(temp_folder, preview), frames, fps)
+        # Both encoders release the GIL, so the preview costs no wall time next to the video.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            previewing = pool.submit(write_preview, os.path.join(temp_folder, preview), frames, fps)
+            codec = write_video(os.path.join(folder, name), frames, fps, format)
+            previewing.result()
 
         video = {"filename": name, "subfolder": subfolder, "type": "output", "format": MIME[format],
                  "codec": codec, "fps": fps, "frames": count, "width": width, "height": height}

@@ -89,3 +89,27 @@ def test_failing_node_raises_execution_error(comfy_server):
     assert err.value.error["node_type"] == "ImageSharpen"
     assert err.value.error["exception_message"] in str(err.value)
     assert "execution_error" in [m["type"] for m in comfy_server.messages(prompt_id)]
+
+
+def test_sigterm_stops_the_server_it_started(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from comfy_host import HOST_DIR
+
+    if not (HOST_DIR / "main.py").is_file():
+        pytest.skip(f"ComfyUI test host not installed at {HOST_DIR}")
+    tools = Path(__file__).resolve().parents[1] / "tools"
+    script = (f"import sys, time; sys.path.insert(0, {str(tools)!r}); from comfy_host import ComfyServer\n"
+              f"s = ComfyServer(work_dir={str(tmp_path)!r}).start(); print(s._proc.pid, flush=True); time.sleep(600)")
+    runner = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = int(runner.stdout.readline())
+        runner.send_signal(signal.SIGTERM)
+        assert runner.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        runner.kill()
+    with pytest.raises(ProcessLookupError):  # a zombie would still answer; stop() waited for it
+        os.kill(server_pid, 0)

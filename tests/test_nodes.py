@@ -455,10 +455,10 @@ def test_stages_ask_the_host_to_free_their_estimated_memory(loaded, monkeypatch)
     def estimate(model, frames, h, w):
         return pipeline.estimate_unet_memory(model.unet.config, frames, h, w, 2, model.unet.dtype, device=model.device)
 
-    # Guidance batched (two texts); the upscaler's window: 2-frame chunks of 16-pixel tiles; then the x4 VAE
-    # decoding two frames at a time (decode_chunk).
+    # Guidance batched (two texts); the upscaler's window: 2-frame chunks of 16-pixel tiles, with the room a
+    # whole stage takes; then the x4 VAE decoding two frames at a time (decode_chunk).
     assert asked[0] == estimate(loaded["base"], FRAMES, SIZE // 8, SIZE // 8) > 0
-    assert asked[1] == estimate(loaded["vsr"], 2, 16, 16) > 0
+    assert asked[1] == sub("common").stage_need(estimate(loaded["vsr"], 2, 16, 16)) > 0
     vae = loaded["vae4"].vae
     assert asked[2] == pipeline.estimate_decode_memory(vae.config, 2, 16, 24, vae.dtype, device="cpu") > 0
 
@@ -512,6 +512,49 @@ def test_upscale_out_of_memory_starts_again_with_smaller_chunks(loaded, monkeypa
                      50, 1, 5.0, "ddim", "auto", 0, 0, 32, 8, 2, 1)
 
 
+def test_upscale_starts_with_the_chunk_that_fits(loaded, monkeypatch, caplog):
+    from lavie_core import pipeline
+
+    common, vsr = sub("common"), loaded["vsr"]
+    whole, single = (common.memory(vsr, frames, 16, 24, 5.0) for frames in (FRAMES, 1))
+    assert whole > single > 0
+    # Room for one-frame chunks only: the stage starts there without running out of memory first.
+    free = (common.stage_need(whole) + common.stage_need(single)) // 2
+    monkeypatch.setattr(sub("bridge"), "free_memory", lambda device: free)
+    tried = []
+    upscale = pipeline.upscale
+
+    def recording(*args, chunk_frames=None, chunk_overlap=0, **kwargs):
+        tried.append((chunk_frames, chunk_overlap))
+        return upscale(*args, chunk_frames=chunk_frames, chunk_overlap=chunk_overlap, **kwargs)
+
+    monkeypatch.setattr(pipeline, "upscale", recording)
+    with caplog.at_level("INFO", logger="LaVie"):
+        images, _ = sub("sampling").LaVieUpscale().upscale(
+            vsr, torch.rand(FRAMES, 16, 24, 3), loaded["pos"], loaded["neg"], loaded["vae4"], 50, 1, 5.0, "ddim",
+            "auto", 0, 0, 32, 0, 2, 1)
+    assert tried == [(1, 0)] and images.shape == (FRAMES, 64, 96, 3)
+    assert f"starts with 1-frame chunks overlapping by 0: {free / 2**30:.1f} GiB free, {FRAMES}-frame chunks" in caplog.text
+    assert "ran out of GPU memory" not in caplog.text
+
+    # The smallest plan runs whatever the estimate says; running out of memory there is the user's error.
+    monkeypatch.setattr(sub("bridge"), "free_memory", lambda device: 0)
+    tried.clear()
+    sub("sampling").LaVieUpscale().upscale(vsr, torch.rand(FRAMES, 16, 24, 3), loaded["pos"], loaded["neg"],
+                                           loaded["vae4"], 50, 1, 5.0, "ddim", "auto", 0, 0, 32, 0, 2, 1)
+    assert tried == [(1, 0)]
+
+
+@pytest.mark.parametrize("free_gib,need_gib,expected",
+                         [(14.0, 9.7, True), (9.9, 9.7, False), (9.9, 4.85, True), (5.9, 3.95, False), (5.9, 1.9, True),
+                          (1.0, 0.0, True)],
+                         ids=["16-gib-8-frames", "12-gib-8-frames", "12-gib-4-frames", "8-gib-2-frames",
+                              "8-gib-1-frame", "unknown-need"])
+def test_a_stage_needs_room_beyond_its_estimate(loaded, monkeypatch, free_gib, need_gib, expected):
+    monkeypatch.setattr(sub("bridge"), "free_memory", lambda device: int(free_gib * 2**30))
+    assert sub("common").stage_fits(loaded["vsr"], int(need_gib * 2**30)) is expected
+
+
 @pytest.mark.parametrize("free_gib,need_gib,expected", [(20.0, 9.9, True), (9.9, 9.9, False), (1.0, 0.0, True)],
                          ids=["room-for-two", "room-for-one", "unknown-need"])
 def test_graphs_need_room_for_the_activations_twice(loaded, monkeypatch, free_gib, need_gib, expected):
@@ -560,6 +603,18 @@ def test_decode_accepts_host_vae(loaded):
     latent = {"samples": torch.zeros(5, 4, 2, 3)}
     (images,) = sub("video").LaVieDecode().decode(host_vae, latent, 2, 0)
     assert images.shape == (5, 16, 24, 3) and host_vae.calls == [2, 2, 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_to_uint8_rounds_clamps_and_drops_alpha(pack, dtype):
+    images = torch.tensor([-0.2, 0.0, 0.5 / 255, 1.49 / 255, 1.51 / 255, 0.5, 1.0, 1.3]).to(dtype)
+    images = images.view(1, 1, 8, 1).expand(2, 3, 8, 4).clone()  # RGBA: the 4th channel must go
+    images[1] = 1.0 - images[1]
+    out = sub("video").to_uint8(images)
+    expected = (images[..., :3].float().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    assert out.dtype == expected.dtype and out.shape == (2, 3, 8, 3)
+    assert (out == expected).all()
+    assert out[0, 0, :, 0].tolist() == [0, 0, 0, 1, 2, 128, 255, 255]
 
 
 # ----------------------------------------------------------------------------- saving

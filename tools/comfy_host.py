@@ -79,6 +79,21 @@ class ExecutionFailed(ComfyError):
         )
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stop_on_sigterm() -> None:
+    """Make SIGTERM (``timeout``, a CI runner, ``kill``) unwind like Ctrl-C, through ``stop`` and atexit.
+
+    By default it ends Python at once, skipping both, and the server, in its own session, kept running and
+    holding the GPU: a later run on the same card then saw a fraction of its memory. Left alone where the
+    program has its own handler or this is not the main thread (signals can only be set there).
+    """
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,6 +163,7 @@ class ComfyServer:
                                           stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True)
         atexit.register(self.stop)
+        _stop_on_sigterm()
         deadline = time.monotonic() + self.startup_timeout
         while True:
             self._check_alive()
