@@ -1,8 +1,8 @@
 """The full cascade as a ComfyUI user runs it: the shipped full-cascade workflow queued through `/prompt` on a
 real ComfyUI server with a GPU, at the paper's sizes, with paper-size weights.
 
-    python bench/comfy_cascade.py [--host .hosts/comfyui] [--work DIR] [--steps 50] [--vsr-overlap 0]
-                                  [--card-gib GIB] [--seed 0] [--json OUT.json] [--host-args ...]
+    python bench/comfy_cascade.py [--host .hosts/comfyui] [--work DIR] [--steps 50] [--vsr-chunk 8]
+                                  [--vsr-overlap 0] [--card-gib GIB] [--seed 0] [--json OUT.json] [--host-args ...]
 
 The released weights cannot be bundled, so the first run writes random ones of the released shapes into
 `<work>/models/lavie/` (fp16 safetensors, about 6 GiB; later runs reuse them): the three UNets under their
@@ -174,21 +174,24 @@ def _used_mib() -> int:
     return int(out[0]) if out else 0
 
 
-def node_times(messages: list[dict], graph: dict) -> list[tuple[str, str, float]]:
-    """(node id, class, seconds) in execution order, from the `executing` messages' arrival times."""
+def node_spans(messages: list[dict]) -> list[tuple[str, float, float]]:
+    """(node id, start, end) in execution order: from each `executing` message's arrival to the next one's."""
     marks = [(m["data"].get("node"), m["received"]) for m in messages if m["type"] == "executing"]
-    return [(node, graph[node]["class_type"], end - start) for (node, start), (_, end) in zip(marks, marks[1:])
-            if node is not None]
+    return [(node, start, end) for (node, start), (_, end) in zip(marks, marks[1:]) if node is not None]
+
+
+def node_times(messages: list[dict], graph: dict) -> list[tuple[str, str, float]]:
+    """(node id, class, seconds) in execution order (`node_spans`)."""
+    return [(node, graph[node]["class_type"], end - start) for node, start, end in node_spans(messages)]
 
 
 def node_peaks(messages: list[dict], samples: list[tuple[float, int]], before_mib: int) -> dict[str, float]:
-    """Each node's peak of the polled GPU memory (GiB above `before_mib`) while it ran, from the `executing`
-    messages' arrival times; a node shorter than the polling interval may have no sample."""
-    marks = [(m["data"].get("node"), m["received"]) for m in messages if m["type"] == "executing"]
+    """Each node's peak of the polled GPU memory (GiB above `before_mib`) while it ran (`node_spans`); a node
+    shorter than the polling interval may have no sample."""
     peaks: dict[str, float] = {}
-    for (node, start), (_, end) in zip(marks, marks[1:]):
+    for node, start, end in node_spans(messages):
         inside = [mib for t, mib in samples if start <= t < end]
-        if node is not None and inside:
+        if inside:
             peaks[node] = (max(inside) - before_mib) / 1024
     return peaks
 
@@ -249,9 +252,10 @@ def main(argv: list[str] | None = None) -> int:
         failed = entry.get("status", {}).get("status_str") == "error"
         videos = [] if failed else [p for p in server.output_files(prompt_id) if p.suffix in (".mp4", ".webm")]
         log = server.log()
-        times = node_times(server.messages(prompt_id), graph)
-        peaks = node_peaks(server.messages(prompt_id), memory.samples, before_mib)
-        bars = progress_spans(server.messages(prompt_id), t0)
+        messages = server.messages(prompt_id)
+        times = node_times(messages, graph)
+        peaks = node_peaks(messages, memory.samples, before_mib)
+        bars = progress_spans(messages, t0)
     del ballast
     device_line = next((line for line in log.splitlines() if line.startswith("Device:")), "")
     report = {"gpu": torch.cuda.get_device_name(), "host_device": device_line, "steps": args.steps,
