@@ -6,6 +6,7 @@ state-dict names, so released checkpoints load without any key mapping.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Hashable, TypeVar
 
@@ -56,37 +57,98 @@ def group_norm(
     per-channel sums and the shift absorb it, which saves a pass over the video. channel_offset: `c`, a
     further offset shared by the samples (a bias), absorbed the same way.
     """
-    b, c, g = x.shape[0], x.shape[1], norm.num_groups
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    kernels = acc == torch.float32 and fused.kernels_usable(x)
+    kernels, affine_kernel = _norm_path(x, norm)
+    b, c = x.shape[0], x.shape[1]
+    offset, channel_offset = _merge_offsets(offset, channel_offset, b, c, affine_kernel)
+    if offset is not None and not affine_kernel and x.numel() < FOLD_OFFSET_MIN_NUMEL:
+        x, offset = x + offset.view(b, c, *[1] * (x.ndim - 2)), None
+    rows = _norm_rows(x, kernels)
+    # The affine kernel adds up the partial sums itself.
+    sums = _channel_sums(rows, kernels, partial=affine_kernel)
+    scale, shift = _norm_affine(sums, norm, rows.shape[1], affine_kernel, offset, channel_offset)
+    return normalise(x, scale, shift, silu=silu, rows=rows, kernels=kernels)
+
+
+def _norm_path(x: torch.Tensor, norm: nn.GroupNorm | None = None) -> tuple[bool, bool]:
+    """Whether GroupNorm on x takes the kernels, and whether `norm`'s scale and shift come from one of them."""
+    kernels = x.dtype != torch.float64 and fused.kernels_usable(x)
     compiling = torch.compiler.is_compiling()
     if kernels and compiling:
         kernels = x.numel() >= COMPILED_NORM_KERNEL_MIN_NUMEL
     # Eagerly one kernel turns the sums into the scale and shift, the offset folded at no cost: torch's
     # arithmetic for it is about fifteen launches of a few microseconds, per GroupNorm.
-    affine_kernel = kernels and not compiling and norm.affine
-    if channel_offset is not None and not affine_kernel:
-        channel_offset = channel_offset.view(1, c)
-        offset, channel_offset = (channel_offset.expand(b, c) if offset is None else offset + channel_offset), None
-    if offset is not None and not affine_kernel and x.numel() < FOLD_OFFSET_MIN_NUMEL:
-        x, offset = x + offset.view(b, c, *[1] * (x.ndim - 2)), None
-    rows = x.movedim(1, -1).reshape(b, -1, c)  # a view when x is channels-last
+    return kernels, kernels and not compiling and norm is not None and norm.affine
+
+
+def _merge_offsets(
+    offset: torch.Tensor | None, channel_offset: torch.Tensor | None, b: int, c: int, affine_kernel: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The affine kernel takes both offsets; torch's arithmetic takes their sum as one `b c` offset."""
+    if channel_offset is None or affine_kernel:
+        return offset, channel_offset
+    channel_offset = channel_offset.view(1, c)
+    return (channel_offset.expand(b, c) if offset is None else offset + channel_offset), None
+
+
+def _norm_rows(x: torch.Tensor, kernels: bool) -> torch.Tensor:
+    """x `b c ...` as `b n c` rows, a view when x is channels-last. Both kernels read rows in memory order:
+    a video that is not channels-last (a concatenation of one-frame videos, whose layout torch cannot tell)
+    is copied here once, not by each kernel."""
+    rows = x.movedim(1, -1).reshape(x.shape[0], -1, x.shape[1])
+    return rows.contiguous() if kernels else rows
+
+
+def _channel_sums(rows: torch.Tensor, kernels: bool, *, partial: bool = False) -> torch.Tensor:
     if kernels:
-        # Both kernels read rows in memory order. A video that is not channels-last (a concatenation of
-        # one-frame videos, whose layout torch cannot tell) is copied here once, not by each kernel.
-        rows = rows.contiguous()
-        # The affine kernel adds up the partial sums itself.
-        sums = fused.channel_sums(rows, partial=True) if affine_kernel else fused.channel_sums(rows)
-    else:
-        sums = torch.stack([rows.sum(1, dtype=acc), torch.linalg.vector_norm(rows, 2, dim=1, dtype=acc).square()], 1)
+        return fused.channel_sums(rows, partial=partial)
+    acc = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    return torch.stack([rows.sum(1, dtype=acc), torch.linalg.vector_norm(rows, 2, dim=1, dtype=acc).square()], 1)
+
+
+def _norm_affine(
+    sums: torch.Tensor, norm: nn.GroupNorm, rows: int, affine_kernel: bool,
+    offset: torch.Tensor | None = None, channel_offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `b c` scale and shift from the channel sums of `rows` rows per sample. Without the affine kernel the
+    caller has merged `channel_offset` into `offset` already."""
     if affine_kernel:
-        scale, shift = fused.group_affine(
-            sums, norm.weight, norm.bias, g, rows.shape[1], norm.eps, offset=offset, channel_offset=channel_offset
+        return fused.group_affine(
+            sums, norm.weight, norm.bias, norm.num_groups, rows, norm.eps, offset=offset, channel_offset=channel_offset
         )
-    else:
-        scale, shift = _group_affine(sums, norm.weight, norm.bias, g, rows.shape[1], norm.eps, offset=offset)
+    if sums.ndim == 4:
+        sums = sums.sum(1)
+    return _group_affine(sums, norm.weight, norm.bias, norm.num_groups, rows, norm.eps, offset=offset)
+
+
+def norm_scale_shift(
+    parts: list[list[torch.Tensor]], norm: nn.GroupNorm, *, offset: torch.Tensor | None = None,
+    channel_offset: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNorm's float32 `b c` scale and shift (`normalise` applies them) for a video held as `parts[j]`,
+    the pieces of sample j (`1 c ...` each, along frames): the statistics of the whole video, without it
+    ever being whole in memory. offset and channel_offset as in `group_norm`."""
+    kernels, affine_kernel = _norm_path(parts[0][0], norm)
+    b, c = len(parts), parts[0][0].shape[1]
+    offset, channel_offset = _merge_offsets(offset, channel_offset, b, c, affine_kernel)
+    sums = torch.cat([sum(_channel_sums(_norm_rows(p, kernels), kernels) for p in sample) for sample in parts])
+    rows = sum(p[0].numel() // c for p in parts[0])
+    return _norm_affine(sums, norm, rows, affine_kernel, offset, channel_offset)
+
+
+def normalise(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, silu: bool = False, overwrite: bool = False,
+    rows: torch.Tensor | None = None, kernels: bool | None = None,
+) -> torch.Tensor:
+    """`x * scale + shift` per sample and channel (float32 `b c`), then SiLU if asked, in x's layout: GroupNorm's
+    second pass. `overwrite`: the result goes over x, which the caller no longer needs (the kernel's path,
+    outside `torch.compile`). `rows` and `kernels`: as `group_norm` found them."""
+    b, c = x.shape[0], x.shape[1]
+    if kernels is None:
+        kernels = _norm_path(x)[0]
+    if rows is None:
+        rows = _norm_rows(x, kernels)
     if kernels:
-        out = fused.scale_shift(rows, scale, shift, silu=silu)
+        out = fused.scale_shift(rows, scale, shift, silu=silu, out=rows if overwrite else None)
     else:
         out = torch.addcmul(shift.view(b, 1, c).to(x.dtype), rows, scale.view(b, 1, c).to(x.dtype))
         out = F.silu(out) if silu else out
@@ -153,11 +215,12 @@ def _plus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None
 
 def conv(
     module: nn.Conv2d | nn.Conv3d, x: torch.Tensor, *, residual: torch.Tensor | None = None,
-    bias: bool = True, extra_bias: torch.Tensor | None = None,
+    bias: bool = True, extra_bias: torch.Tensor | None = None, into_residual: bool = False,
 ) -> torch.Tensor:
     """`module(x) + residual`, in the layout of x (`n c h w` or `b c f h w`); `bias=False` leaves out the
     module's bias, for callers that fold it into the next layer, and `extra_bias` adds a second one (the next
-    layer's, folded in).
+    layer's, folded in). `into_residual`: the sum is written over the residual, which the caller no longer
+    needs, and returned: no new tensor of the output's size outlives the call.
 
     cuDNN writes a convolution without its bias, and torch adds it to a channels-last tensor through its
     broadcasting kernel, at under a third of the card's bandwidth (eager VSR call on an H200: 102 ms of
@@ -168,6 +231,16 @@ def conv(
     b, extra = module.bias if bias else None, extra_bias
     if b is None:
         b, extra = extra, None
+    if into_residual:
+        if residual is None:
+            raise ValueError("conv: into_residual needs a residual")
+        if b is not None and not _pointwise(module) and fused.eager_kernels_usable(x):
+            y = module._conv_forward(x, module.weight, None)
+            if fused.bias_add_fits(residual, y):
+                return fused.bias_add_(residual, b, y, extra=extra)
+            y.add_(_plus(b, extra).view(-1, *[1] * (y.ndim - 2)))
+            return residual.add_(y)
+        return residual.add_(conv(module, x, bias=bias, extra_bias=extra_bias))
     rows = fused.channels_last_rows(x) if _pointwise(module) else None
     if rows is not None:
         y = F.linear(rows, module.weight.flatten(1), _plus(b, extra))
@@ -189,15 +262,23 @@ class FrameConv2d(nn.Conv2d):
 
     def forward(
         self, x: torch.Tensor, *, residual: torch.Tensor | None = None, bias: bool = True,
-        extra_bias: torch.Tensor | None = None,
+        extra_bias: torch.Tensor | None = None, into_residual: bool = False,
     ) -> torch.Tensor:
         """`conv(self, ...)` per frame of `b c f h w` videos."""
         f = x.shape[2]
         frames = rearrange(x, "b c f h w -> (b f) c h w")
         if residual is not None:
             residual = rearrange(residual, "b c f h w -> (b f) c h w")
-        out = conv(self, frames, residual=residual, bias=bias, extra_bias=extra_bias)
+        out = conv(self, frames, residual=residual, bias=bias, extra_bias=extra_bias, into_residual=into_residual)
         return rearrange(out, "(b f) c h w -> b c f h w", f=f)
+
+
+# From this many elements per frame on, a resnet block whose output may go over its skip runs its convolutions
+# a frame at a time (`ResnetBlock._forward_by_frame`): the VSR's full-resolution level (84M at 512 channels).
+# There one frame still fills the GPU, and the block holds one full-size activation instead of three. Smaller
+# frames would run slower one at a time (interpolation call on an H200 with the 2.5M of its top level: 151 ->
+# 172 ms).
+RESNET_BY_FRAME_MIN_NUMEL = 2**26
 
 
 class ResnetBlock(nn.Module):
@@ -215,14 +296,46 @@ class ResnetBlock(nn.Module):
         self.conv2 = FrameConv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = FrameConv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, *, out_bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor, *, out_bias: torch.Tensor | None = None, overwrite: bool = False
+    ) -> torch.Tensor:
         """emb: `silu(time embedding)`, `b d`. out_bias: `c`, added to the output by the last kernel, at no
-        cost (the next layer's bias, folded)."""
+        cost (the next layer's bias, folded). overwrite: x is not needed after the call (its caller made it),
+        so the output may take its memory."""
+        if self._by_frame(x, overwrite):
+            return self._forward_by_frame(x, emb, out_bias)
         # conv1's bias joins the time embedding in norm2's offset, which its sums absorb: no pass adds it.
         h = self.conv1(self.norm1(x, silu=True), bias=False)
         h = self.norm2(h, silu=True, offset=self.time_emb_proj(emb), channel_offset=self.conv1.bias)
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return self.conv2(h, residual=skip, extra_bias=out_bias)
+
+    def _by_frame(self, x: torch.Tensor, overwrite: bool) -> bool:
+        """Whether `forward` runs its convolutions a frame at a time: a large channels-last video, no gradient,
+        and an output that may go over the skip (x itself where `overwrite`, or the shortcut's product)."""
+        return (
+            x.ndim == 5 and x.shape[1] * x.shape[3] * x.shape[4] >= RESNET_BY_FRAME_MIN_NUMEL and x.shape[0] * x.shape[2] > 1
+            and not torch.is_grad_enabled() and (overwrite or self.conv_shortcut is not None)
+            and x.is_contiguous(memory_format=torch.channels_last_3d)
+        )
+
+    def _forward_by_frame(self, x: torch.Tensor, emb: torch.Tensor, out_bias: torch.Tensor | None) -> torch.Tensor:
+        """`forward` with the norms' statistics over the whole video, as ever, but each frame normalised,
+        convolved and added into the skip on its own: of the block's three full-size activations (norm1's
+        output, conv1's, norm2's) only conv1's is whole at any time, and the output takes the skip's memory.
+        Same arithmetic, frame by frame."""
+        b, f = x.shape[0], x.shape[2]
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        scale, shift = norm_scale_shift([[x]], self.norm1)
+        h = [[self.conv1(normalise(x[j : j + 1, :, t : t + 1], scale[j : j + 1], shift[j : j + 1], silu=True), bias=False)
+              for t in range(f)] for j in range(b)]
+        scale, shift = norm_scale_shift(h, self.norm2, offset=self.time_emb_proj(emb), channel_offset=self.conv1.bias)
+        for j in range(b):
+            for t in range(f):
+                frame, h[j][t] = h[j][t], None
+                frame = normalise(frame, scale[j : j + 1], shift[j : j + 1], silu=True, overwrite=True)
+                self.conv2(frame, residual=skip[j : j + 1, :, t : t + 1], extra_bias=out_bias, into_residual=True)
+        return skip
 
 
 class TemporalConvBlock(nn.Module):
@@ -236,13 +349,14 @@ class TemporalConvBlock(nn.Module):
         self.norm2 = VideoGroupNorm(groups, channels, eps=eps)
         self.conv2 = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
-        """emb: `silu(time embedding)`, as `ResnetBlock` takes it."""
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, *, overwrite: bool = False) -> torch.Tensor:
+        """emb: `silu(time embedding)`, as `ResnetBlock` takes it. overwrite: as there; without a gradient the
+        output then goes over x."""
         h = conv(self.conv1, self.norm1(x, silu=True), bias=False)
         offset = self.time_emb_proj(emb) if self.time_emb_proj is not None else None
         # As in ResnetBlock: conv1's bias folded into norm2.
         h = self.norm2(h, silu=True, offset=offset, channel_offset=self.conv1.bias)
-        return conv(self.conv2, h, residual=x)
+        return conv(self.conv2, h, residual=x, into_residual=overwrite and not torch.is_grad_enabled())
 
 
 class TemporalModule(nn.Module):
@@ -258,7 +372,7 @@ class TemporalModule(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """emb: `silu(time embedding)`, as `ResnetBlock` takes it."""
-        return self.shift_conv(self.resblocks_3d_s(self.resblocks_3d_t(x, emb), emb), residual=x)
+        return self.shift_conv(self.resblocks_3d_s(self.resblocks_3d_t(x, emb), emb, overwrite=True), residual=x)
 
 
 class Downsample(nn.Module):
@@ -575,28 +689,36 @@ class TemporalAttention(Attention):
         return fused.available(x, frames) or sdpa
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor | None = None, *, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, context: torch.Tensor | None = None, *, residual: torch.Tensor | None = None,
+        norm: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """`residual` (x's shape): see `Attention.output`."""
+        """`residual` (x's shape): see `Attention.output`. `norm`: applied to x first; its output is gone once
+        q, k and v are projected, where a caller passing it in would hold it through the attention (traced VSR
+        peak +0.62 GiB)."""
         frames = x.shape[1]
         bias = self.time_rel_pos_bias(frames, x.device) if hasattr(self, "time_rel_pos_bias") else None
+        if norm is not None:
+            x = norm(x)
         # The kernel reads q, k and v through strides, so one projection serves it. The paths below regroup
         # them; the interpolation model, which takes them, ran slower eagerly with views of one product.
         q, k, v = self.project(x) if fused.available(x, frames) else (self.to_q(x), self.to_k(x), self.to_v(x))
+        video_tokens = x.ndim == 4
+        del x
         # Checked on q, which needs a gradient whenever these weights are trained (the kernel has no backward).
         if fused.available(q, frames):
-            rotary = self.rotary_emb.table(frames, x.device) if hasattr(self, "rotary_emb") else None
+            rotary = self.rotary_emb.table(frames, q.device) if hasattr(self, "rotary_emb") else None
             return self.output(fused.temporal_attention(q, k, v, self.heads, rotary=rotary, bias=bias), residual)
-        if x.ndim == 4 and self.plain:
+        if video_tokens and self.plain:
             return self.output(video_token_attention(q, k, v, self.heads), residual)
-        grouped = "b f l (h d) -> (b l) h f d" if x.ndim == 4 else "n f (h d) -> n h f d"
+        pixels = q.shape[2] if video_tokens else None
+        grouped = "b f l (h d) -> (b l) h f d" if video_tokens else "n f (h d) -> n h f d"
         q, k, v = (rearrange(t, grouped, h=self.heads) for t in (q, k, v))
         if hasattr(self, "rotary_emb"):
             q, k = self.rotary_emb.rotate(q), self.rotary_emb.rotate(k)
         bias = None if bias is None else bias.to(q.dtype)
         out = short_sequence_attention(q, k, v, bias)
-        if x.ndim == 4:
-            return self.output(rearrange(out, "(b l) h f d -> b f l (h d)", l=x.shape[2]), residual)
+        if video_tokens:
+            return self.output(rearrange(out, "(b l) h f d -> b f l (h d)", l=pixels), residual)
         return self.output(merge_heads(out), residual)
 
 
@@ -672,6 +794,20 @@ class LayerNorm(nn.LayerNorm):
         if self.fused_for(x):
             return fused.layer_norm(x, self.weight, self.bias, self.eps, offset=offset)
         return super().forward(x if offset is None else x + offset.to(x.dtype))
+
+
+# Elements of the feed-forward's inner activation made at once on the stream path. It is 4x the tokens' width,
+# the largest activation of a VSR call (8-frame chunk: 2.5 GiB at 160x256 latents); tokens are independent, so
+# the stream's rows go through it in pieces this size at most. Base and interpolation calls stay whole.
+FF_PIECE_ELEMENTS = 2**29
+
+
+def stream_pieces(x: torch.Tensor, inner: int) -> list[torch.Tensor]:
+    """Contiguous `r c` row blocks of the contiguous stream x whose `r inner` products each hold at most
+    `FF_PIECE_ELEMENTS`, or single rows (x itself, as rows, where it fits at once)."""
+    rows = x.view(-1, x.shape[-1])
+    pieces = min(rows.shape[0], -(-rows.shape[0] * inner // FF_PIECE_ELEMENTS))
+    return list(rows.tensor_split(pieces)) if pieces > 1 else [rows]
 
 
 class FeedForward(nn.Module):
@@ -799,9 +935,10 @@ class TransformerBlock(nn.Module):
         norm, attn = self.temporal_layers()
         for k, branch in enumerate(self.later_branches(), start=2):
             if branch == "temporal":
-                attn(norm(video, offset=offsets[k]), residual=video)
+                attn(video, residual=video, norm=functools.partial(norm, offset=offsets[k]))
             else:
-                self.ff(self.norm3(x, offset=offsets[k]), residual=x)
+                for rows in stream_pieces(x, self.ff.net[0].proj.out_features // 2):
+                    self.ff(self.norm3(rows, offset=offsets[k]), residual=rows)
         return x
 
 
@@ -836,7 +973,8 @@ class SpatialTransformer(nn.Module):
         return self.proj_out.bias is not None and not hasattr(self, "resblock_temporal") and not torch.is_grad_enabled()
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, image_frames: int = 0, *, biased: bool = False
+        self, x: torch.Tensor, context: torch.Tensor, image_frames: int = 0, *, biased: bool = False,
+        overwrite: bool = False,
     ) -> torch.Tensor:
         """x: `b c f h w`, context: `(n b) l c` -> `(n b) c f h w`. With n > 1 (guidance) the text-free layers
         (temporal resblock, norm, projection in, the first block's frame attention unless it reads the text)
@@ -847,6 +985,9 @@ class SpatialTransformer(nn.Module):
         biased (where `folds_output_bias`): x arrives as `x + proj_out.bias`, which its producer's last kernel
         added, and is overwritten. The norm takes the bias off on the fly, and the projection out adds its
         product into x in place (cuBLAS's epilogue), so the residual add is not a pass of its own.
+
+        overwrite: x is not needed after the call; the temporal resblock's output then goes over it (a caller
+        holds x through the call, so a new tensor would be one more full-size activation).
         """
         b, c, f, hh, ww = x.shape
         if context.shape[0] % b:
@@ -854,12 +995,15 @@ class SpatialTransformer(nn.Module):
         if biased and not self.folds_output_bias():
             raise ValueError("biased input needs a projection out with a bias, no temporal resblock and no gradient")
         if hasattr(self, "resblock_temporal"):
-            x = self.resblock_temporal(x)
+            x = self.resblock_temporal(x, overwrite=overwrite)
         residual = rearrange(x, "b c f h w -> (b f) c h w")
         if all(block.folds_biases(residual, f, image_frames) for block in self.transformer_blocks):
             offsets, stream_bias, norm_offset = self._stream_biases(residual, biased)
-            h = self.norm(residual, channel_offset=norm_offset)
-            h = self._blocks_folded(h, context, f, offsets, stream_bias)
+            # The norm's output is a temporary of the projection in, gone before the blocks run (a name bound
+            # to it here would hold it through them: traced VSR peak +0.62 GiB).
+            stream = F.linear(rearrange(self.norm(residual, channel_offset=norm_offset), "n c h w -> n (h w) c"),
+                              self.proj_in.weight.flatten(1), stream_bias)
+            h = self._blocks_folded(stream, context, f, offsets)
         else:
             h = self.norm(residual, channel_offset=-self.proj_out.bias if biased else None)
             if self.linear_projection:
@@ -909,13 +1053,12 @@ class SpatialTransformer(nn.Module):
         return offsets, bias.to(x.dtype), None if out_bias is None else -out_bias
 
     def _blocks_folded(
-        self, h: torch.Tensor, context: torch.Tensor, frames: int, offsets: torch.Tensor, bias: torch.Tensor
+        self, stream: torch.Tensor, context: torch.Tensor, frames: int, offsets: torch.Tensor
     ) -> torch.Tensor:
-        """Projection in and the blocks on one stream (`TransformerBlock.forward`'s `offsets`): the projection's
-        `bias` (`_stream_biases`) also adds every branch's bias ahead of time, and each LayerNorm takes off
-        what is not yet due."""
-        # Either projection (a Linear or a 1x1 convolution) is a matmul of the channels-last rows.
-        stream = F.linear(rearrange(h, "n c h w -> n (h w) c"), self.proj_in.weight.flatten(1), bias)
+        """The blocks on one stream (`TransformerBlock.forward`'s `offsets`), which the projection in started
+        with the bias from `_stream_biases`, which also adds every branch's bias ahead of time; each LayerNorm
+        takes off what is not yet due. Either projection in (a Linear or a 1x1 convolution) is a matmul of the
+        normalised channels-last rows."""
         for block, block_offsets in zip(self.transformer_blocks, offsets):
             stream = block(stream, context, frames, offsets=block_offsets)
         return stream

@@ -774,11 +774,13 @@ def _row_tiles(channels: int, widest: int) -> tuple[int, int]:
     return max(1, 4096 // block_c), block_c
 
 
-def _launch_scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool) -> torch.Tensor:
+def _launch_scale_shift(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, silu: bool, out: torch.Tensor | None = None
+) -> torch.Tensor:
     # Input and output share one contiguous layout, so one set of offsets serves both.
     x = x.contiguous()
     clips, rows, channels = x.shape
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     block_r, block_c = _row_tiles(channels, 128)
     _run(_scale_shift_kernel, (triton.cdiv(rows, block_r), clips, triton.cdiv(channels, block_c)),
         x, out, scale.float().contiguous(), shift.float().contiguous(), rows, channels,
@@ -1239,15 +1241,23 @@ def stream_biases(
     return _launch_stream_biases(biases, in_bias, out_bias, dtype)
 
 
-def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, silu: bool = False) -> torch.Tensor:
+def scale_shift(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, silu: bool = False, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """`x * scale + shift` per clip and channel (float32 `b c`), then SiLU if asked: GroupNorm's second pass.
 
-    x: `b n c`; the result is `b n c`, contiguous, in x's dtype; the arithmetic is float32.
+    x: `b n c`; the result is `b n c`, contiguous, in x's dtype; the arithmetic is float32. `out`: x itself, to
+    write the result over it (each element is read before it is written); outside `torch.compile` only,
+    where a new tensor is returned instead.
     """
     _check_rows("scale_shift", x, scale, shift)
+    if out is not None and (out is not x or not x.is_contiguous()):
+        raise ValueError("scale_shift writes over x only: out must be x, contiguous")
     if x.is_meta:
-        return _scale_shift_shape(x.contiguous())
-    return (_scale_shift_op if _through_op() else _launch_scale_shift)(x, scale, shift, silu)
+        return x if out is not None else _scale_shift_shape(x.contiguous())
+    if _through_op():
+        return _scale_shift_op(x, scale, shift, silu)
+    return _launch_scale_shift(x, scale, shift, silu, out)
 
 
 def channels_last_rows(x: torch.Tensor) -> torch.Tensor | None:

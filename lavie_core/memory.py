@@ -106,6 +106,13 @@ class _OutputOnlyAttention(TorchFunctionMode):
         return torch.empty((*batch, length, heads, v.shape[-1]), dtype=q.dtype, device=q.device).transpose(-3, -2)
 
 
+def _outside_inference_mode() -> contextlib.AbstractContextManager:
+    """Inference mode (ComfyUI runs nodes in it) hands composite ops such as `aten.conv2d` to the tracker
+    undecomposed, so it would miss the convolutions' channels-last outputs and trace another path: the VSR's
+    8-frame call at 7.58 GiB instead of the 6.49 it measures."""
+    return torch.inference_mode(False)
+
+
 def trace_peak(fn: Callable[[], Any], *, device: torch.device | str = "cpu", kernels: bool = True) -> int:
     """Peak bytes of the storages that `fn` creates and holds at once, on the code path of `device` (its type
     matters: "cuda" takes the CUDA paths, with the fused kernels if `kernels`).
@@ -115,6 +122,7 @@ def trace_peak(fn: Callable[[], Any], *, device: torch.device | str = "cpu", ker
     cuda = torch.device(device).type == "cuda"
     tracker = _StorageTracker(cuda)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_outside_inference_mode())
         stack.enter_context(torch.no_grad())
         if cuda:
             stack.enter_context(fused.meta_as_cuda(kernels=kernels))
@@ -139,7 +147,7 @@ def unet_activation_peak(
     """Traced activation bytes of one UNet call on `frames` latent frames of `height x width` with `batch`
     conditionings per sample (2 with guidance batched), called as the samplers call it: the video once,
     the texts stacked. Weights and inputs are not included; the output is."""
-    with torch.device("meta"):
+    with _outside_inference_mode(), torch.device("meta"):
         model = LaVieUNet(config).to(dtype).use_channels_last()  # as loaded
         x = torch.empty(1, config.in_channels, frames, height, width, dtype=dtype)
         context = torch.empty(batch, 77, config.cross_attention_dim, dtype=dtype)
@@ -160,7 +168,7 @@ def decode_activation_peak(
     """Traced activation bytes of decoding `frames` latents of `height x width` in one call: a per-image VAE
     (`VAEConfig`) takes them as a batch, a temporal one (`TemporalVAEConfig`) as one video. Weights and
     inputs are not included; the output is."""
-    with torch.device("meta"):
+    with _outside_inference_mode(), torch.device("meta"):
         if isinstance(config, TemporalVAEConfig):
             vae: torch.nn.Module = TemporalAutoencoder(config).to(dtype)
             z = torch.empty(1, config.latent_channels, frames, height, width, dtype=dtype)

@@ -636,9 +636,9 @@ def estimate_unet_memory(
     included. Tracing takes about a second; repeated shapes are cached.
 
     Measured on an H200 (``cudnn.benchmark`` off; eager, fp16, guidance batched, peak minus weights and
-    inputs; ``python bench/memory.py``) against the traced peaks: base 0.55 GiB (traced 0.52), interpolation
-    1.97 (1.97), VSR 8-frame chunk 8.98 (8.98); without the kernels 1.10, 4.20 and 16.48 (the same as
-    traced). Compiled calls measured no higher peaks (VSR: lower).
+    inputs; ``python bench/memory.py``) against the traced peaks: base 0.45 GiB on its first call, 0.42 on
+    later ones (traced 0.42), interpolation 1.60 (1.59), VSR 8-frame chunk 6.49 (6.49); without the kernels
+    1.05, 4.02 and 15.23 (the same as traced). Compiled calls measured no higher peaks (VSR: lower).
     """
     int_at_least("frames", frames, 1)
     int_at_least("height", height, 1)

@@ -168,9 +168,9 @@ class LaVieUpscale:
                 "Pixels shared by neighbouring tiles; blended to hide seams.")}),
             "chunk_frames": ("INT", {"default": 8, "min": 0, "max": 1024, "tooltip": (
                 "Frames the UNet sees at once (official: 8); 0 processes all frames together. GPU memory of a "
-                "call at a 320x512 input with guidance, fp16, weights included: about 10.4 GiB for 8 frames, "
-                "6.2 GiB for 4. Where the card lacks room for a whole stage of them the node halves them, saying so in "
-                "the log.")}),
+                "call at a 320x512 input with guidance, fp16, weights included: about 7.9 GiB for 8 frames, "
+                "4.7 GiB for 4; a whole stage needs more, as the pool fragments. Where the card lacks room for a "
+                "stage of them (12 GiB cards: 4 frames, 8 GiB: 2) the node halves them, saying so in the log.")}),
             "chunk_overlap": ("INT", {"default": 2, "min": 0, "max": 1024, "tooltip": (
                 "Frames shared by neighbouring chunks, blended for temporal consistency; 0 gives the official cuts.")}),
             "decode_chunk": ("INT", {"default": 1, "min": 1, "max": 1024, "tooltip": (

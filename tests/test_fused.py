@@ -97,6 +97,46 @@ def test_unet_with_the_fused_kernels_equals_the_plain_path(kind, monkeypatch):
 
 
 @pytest.mark.gpu
+@on_cuda
+@pytest.mark.parametrize("kind", ["base", "interpolation", "vsr"])
+def test_unet_frame_by_frame_and_in_row_pieces_equals_it_whole_on_the_kernels(kind, monkeypatch):
+    """The memory-saving paths of paper-size VSR calls (resnets a frame at a time, feed-forwards in row pieces,
+    norms written over their input), forced at toy size: the same output on the GPU path."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    model = LaVieUNet(UNetConfig.tiny(kind)).cuda().eval().use_channels_last()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, model.config.in_channels, 6, 16, 16, generator=g).cuda()
+    ctx = torch.randn(2, 7, model.config.cross_attention_dim, generator=g).cuda()
+    noise = 20 if model.config.num_noise_levels else None
+    with torch.no_grad():
+        want = model(x, 500, ctx, noise)
+        monkeypatch.setattr(blocks, "RESNET_BY_FRAME_MIN_NUMEL", 0)
+        monkeypatch.setattr(blocks, "FF_PIECE_ELEMENTS", 4096)
+        by_frame = []
+        frames = blocks.ResnetBlock._forward_by_frame
+        monkeypatch.setattr(blocks.ResnetBlock, "_forward_by_frame", lambda *a: by_frame.append(1) or frames(*a))
+        got = model(x, 500, ctx, noise)
+    assert by_frame
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@on_cuda
+@pytest.mark.parametrize("silu", [False, True], ids=["plain", "silu"])
+def test_scale_shift_over_its_input_equals_a_new_tensor(silu):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 300, 96, device="cuda", generator=g).half()
+    scale, shift = torch.randn(2, 96, device="cuda", generator=g), torch.randn(2, 96, device="cuda", generator=g)
+    want = fused.scale_shift(x, scale, shift, silu=silu)
+    got = fused.scale_shift(x, scale, shift, silu=silu, out=x)
+    assert got is x
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("max_heads", [None, 512], ids=["one-launch", "pixel-groups"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -123,6 +163,10 @@ def test_cuda_sdpa_on_video_tokens_equals_pixel_grouped(monkeypatch, dtype, max_
         pytest.param(
             lambda: fused.scale_shift(torch.zeros(2, 5, 4), torch.zeros(2, 4), torch.zeros(4)),
             r"per-channel values must be shaped \(2, 4\), got \(4,\)", id="shift-shape",
+        ),
+        pytest.param(
+            lambda: fused.scale_shift(torch.zeros(2, 5, 4), torch.zeros(2, 4), torch.zeros(2, 4), out=torch.zeros(2, 5, 4)),
+            "scale_shift writes over x only: out must be x, contiguous", id="shift-out",
         ),
         pytest.param(
             lambda: fused.bias_add_(torch.zeros(2, 3, 4, 4), torch.zeros(3)),
@@ -572,7 +616,7 @@ def test_group_norm_turns_sums_into_scale_and_shift_with_a_kernel_eagerly(monkey
 
     monkeypatch.setattr(fused, "channel_sums", sums)
     monkeypatch.setattr(fused, "group_affine", affine)
-    monkeypatch.setattr(fused, "scale_shift", lambda rows, *_, silu: calls.append("scale_shift") or rows)
+    monkeypatch.setattr(fused, "scale_shift", lambda rows, *_, silu, out=None: calls.append("scale_shift") or rows)
     norm = blocks.VideoGroupNorm(8, 64)
     x = torch.randn(2, 64, 3, 4, 5).contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():

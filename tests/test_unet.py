@@ -634,3 +634,106 @@ def test_compile_unet_wraps_the_same_module_without_compiling_yet():
     assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is model
     assert [id(p) for p in compiled.parameters()] == [id(p) for p in model.parameters()]
     assert compiled.config is model.config
+
+
+def _random_resnet(c_in: int, c_out: int, seed: int = 0) -> blocks.ResnetBlock:
+    torch.manual_seed(seed)
+    resnet = blocks.ResnetBlock(c_in, c_out, temb_dim=8, groups=4, eps=1e-6)
+    for p in resnet.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    return resnet.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("b", [1, 2], ids=["one-sample", "two-samples"])
+@pytest.mark.parametrize(
+    "c_out,overwrite", [(16, True), (24, False)], ids=["identity-skip-overwritten", "shortcut-product"]
+)
+def test_resnet_block_frame_by_frame_equals_the_whole_video(monkeypatch, b, c_out, overwrite):
+    resnet = _random_resnet(16, c_out)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(b, 16, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last_3d)
+    emb, extra = torch.randn(b, 8, generator=g), torch.randn(c_out, generator=g)
+    frames = []
+    conv2 = resnet.conv2.forward
+    monkeypatch.setattr(resnet.conv2, "forward", lambda h, **kw: frames.append(h.shape[0] * h.shape[2]) or conv2(h, **kw))
+    got_x = x.clone()
+    with torch.no_grad():
+        want = resnet(x.clone(), emb, out_bias=extra)
+        monkeypatch.setattr(blocks, "RESNET_BY_FRAME_MIN_NUMEL", 0)
+        frames.clear()
+        got = resnet(got_x, emb, out_bias=extra, overwrite=overwrite)
+    assert frames == [1] * (b * 3)
+    assert (got.data_ptr() == got_x.data_ptr()) == overwrite  # the output took the input's memory
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "grad,shape,layout",
+    [(True, (1, 16, 3, 4, 5), torch.channels_last_3d), (False, (1, 16, 3, 4, 5), torch.contiguous_format),
+     (False, (1, 16, 1, 4, 5), torch.channels_last_3d)],
+    ids=["needs-gradient", "not-channels-last", "one-frame"],
+)
+def test_resnet_block_runs_whole_where_frames_would_not_pay_or_are_not_allowed(monkeypatch, grad, shape, layout):
+    resnet = _random_resnet(16, 16).requires_grad_(grad)
+    monkeypatch.setattr(blocks, "RESNET_BY_FRAME_MIN_NUMEL", 0)
+    x = torch.randn(shape).contiguous(memory_format=layout)
+    assert not resnet._by_frame(x, overwrite=True)
+    with torch.set_grad_enabled(grad):
+        kept = x.clone()
+        resnet(x, torch.randn(1, 8), overwrite=True)
+    assert torch.equal(x, kept)
+    assert not _random_resnet(16, 16)._by_frame(x.requires_grad_(False), overwrite=False)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_temporal_resblock_output_goes_over_its_input_only_without_gradients(grad):
+    torch.manual_seed(0)
+    block = blocks.TemporalConvBlock(16, None, groups=4)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(1, 16, 4, 3, 5).contiguous(memory_format=torch.channels_last_3d)
+    with torch.set_grad_enabled(grad):
+        want = block(x.clone())
+        got_x = x.clone()
+        got = block(got_x, overwrite=True)
+    assert (got.data_ptr() == got_x.data_ptr()) != grad
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "rows,inner,limit,sizes",
+    [(10, 4, 40, [10]), (10, 4, 39, [5, 5]), (10, 4, 12, [3, 3, 2, 2]), (7, 64, 1, [1] * 7)],
+    ids=["fits-at-once", "just-over", "uneven", "row-by-row"],
+)
+def test_stream_pieces_are_contiguous_row_blocks_within_the_limit(monkeypatch, rows, inner, limit, sizes):
+    monkeypatch.setattr(blocks, "FF_PIECE_ELEMENTS", limit)
+    x = torch.randn(1, rows, 3)
+    pieces = blocks.stream_pieces(x, inner)
+    assert [p.shape[0] for p in pieces] == sizes
+    assert all(p.is_contiguous() and p.shape[1] == 3 for p in pieces)
+    assert torch.equal(torch.cat(pieces), x.reshape(-1, 3))
+    assert pieces[0].data_ptr() == x.data_ptr()  # views of the stream: the feed-forward adds into it
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_unet_with_memory_saving_pieces_everywhere_equals_the_whole_path(kind, monkeypatch):
+    """Resnets frame by frame and feed-forwards in row pieces (as at the VSR's paper sizes) change no output."""
+    model = tiny_model(kind).use_channels_last()
+    for name, p in model.named_parameters():  # the temporal output projections start at zero
+        if "to_out" in name or name.endswith("net.2.bias") or "shift_conv" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    x, t, ctx, noise = inputs(model, 1, 4, 8, 12)
+    args = (x, t, torch.cat([ctx, -ctx]), noise)
+    _stream_path_on_cpu(monkeypatch)
+    with torch.no_grad():
+        want = model(*args)
+        monkeypatch.setattr(blocks, "RESNET_BY_FRAME_MIN_NUMEL", 0)
+        monkeypatch.setattr(blocks, "FF_PIECE_ELEMENTS", 2000)
+        by_frame, by_piece = [], []
+        frames = blocks.ResnetBlock._forward_by_frame
+        pieces = blocks.stream_pieces
+        monkeypatch.setattr(blocks.ResnetBlock, "_forward_by_frame", lambda *a: by_frame.append(1) or frames(*a))
+        monkeypatch.setattr(blocks, "stream_pieces", lambda *a: by_piece.append(len(pieces(*a))) or pieces(*a))
+        got = model(*args)
+    assert by_frame and max(by_piece) > 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
