@@ -210,3 +210,13 @@ def test_trace_is_the_same_under_inference_mode(kind, frames, size):
     plain = trace(config, frames, h, w, 2, torch.float16, "cuda", True)
     with torch.inference_mode():
         assert trace(config, frames, h, w, 2, torch.float16, "cuda", True) == plain
+
+
+@pytest.mark.parametrize("name,frames,h,w", [("x4", 1, 320, 512), ("sd", 2, 40, 64), ("svd", 3, 40, 64)],
+                         ids=["x4", "sd", "temporal"])
+def test_decode_trace_is_the_same_under_inference_mode(name, frames, h, w):
+    trace = decode_activation_peak.__wrapped__  # not the cached value
+    config = _decode_config(name)
+    plain = trace(config, frames, h, w, torch.float16, "cuda", True)
+    with torch.inference_mode():
+        assert trace(config, frames, h, w, torch.float16, "cuda", True) == plain
