@@ -65,7 +65,7 @@ __all__ = [
     "temporal_attention", "key_frame_attention", "channel_sums", "scale_shift", "geglu", "bias_add_",
     "channels_last_rows", "layer_norm", "concat_channels", "eager_kernels_usable", "bias_add_fits",
     "concat_channels_fits", "geglu_fits", "upsample_phases", "upsample_phases_fits", "upsample_weight", "group_affine",
-    "stream_biases",
+    "stream_biases", "unfold_3x3",
     "MAX_FRAMES", "compile_ahead",
 ]
 
@@ -221,7 +221,9 @@ if triton is not None:
 
     @triton.jit
     def _rotate_pairs(x, cos, sin):
-        even, odd = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], x.shape[1] // 2, 2)))
+        # x: `h f d`, cos and sin: `f d/2`.
+        even, odd = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], x.shape[1], x.shape[2] // 2, 2)))
+        cos, sin = cos[None, :, :], sin[None, :, :]
         return tl.reshape(tl.join(even * cos - odd * sin, odd * cos + even * sin), x.shape)
 
     @triton.jit(do_not_specialize=["tokens"])
@@ -232,17 +234,18 @@ if triton is not None:
         stride_vb, stride_vf, stride_vl, stride_ob, stride_of, stride_ol, stride_bh, stride_bi, stride_bj,
         scale,
         FRAMES: tl.constexpr, FRAMES_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-        ROTARY_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, PRECISION: tl.constexpr,
+        ROTARY_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr, BATCHED: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
-        # One program: one pixel of one clip (a row), HEADS_PER_PROGRAM neighbouring heads one after another,
-        # every frame, as two small tensor-core dots per head.
+        # One program: one pixel of one clip (a row) and HEADS_PER_PROGRAM neighbouring heads, every frame.
+        # BATCHED: the heads are the batch of `h f d` tiles and 3-D tensor-core dots, all loaded at once; else
+        # one head after another, two small dots each (long clips, whose tiles would not fit in registers at once).
         row, head_block = tl.program_id(0), tl.program_id(1)
         # 64-bit offsets, since a video can pass 2^31 elements.
         clip, token = (row // tokens).to(tl.int64), (row % tokens).to(tl.int64)
         frame = tl.arange(0, FRAMES_PAD)
         d = tl.arange(0, HEAD_DIM_PAD)
         frame_ok = frame < FRAMES
-        mask = frame_ok[:, None] & (d < HEAD_DIM)[None, :]
         q_row, k_row = clip * stride_qb + token * stride_ql, clip * stride_kb + token * stride_kl
         v_row, o_row = clip * stride_vb + token * stride_vl, clip * stride_ob + token * stride_ol
         if ROTARY_DIM > 0:
@@ -252,25 +255,51 @@ if triton is not None:
             table_mask = frame_ok[:, None] & (2 * pair < ROTARY_DIM)[None, :]
             cos = tl.load(cos_ptr + table, mask=table_mask, other=1.0)
             sin = tl.load(sin_ptr + table, mask=table_mask, other=0.0)
-        for i in tl.static_range(HEADS_PER_PROGRAM):
-            head = head_block * HEADS_PER_PROGRAM + i
-            channel = head * HEAD_DIM + d
-            q = _frame_tile(q_ptr, q_row, frame, stride_qf, channel, mask)
-            k = _frame_tile(k_ptr, k_row, frame, stride_kf, channel, mask)
-            v = _frame_tile(v_ptr, v_row, frame, stride_vf, channel, mask)
+        if BATCHED:
+            head = head_block * HEADS_PER_PROGRAM + tl.arange(0, HEADS_PER_PROGRAM)
+            channel = (head * HEAD_DIM)[:, None, None] + d[None, None, :]
+            frames3 = frame[None, :, None]
+            mask = frame_ok[None, :, None] & (d < HEAD_DIM)[None, None, :]
+            q = tl.load(q_ptr + q_row + frames3 * stride_qf + channel, mask=mask, other=0.0)
+            k = tl.load(k_ptr + k_row + frames3 * stride_kf + channel, mask=mask, other=0.0)
+            v = tl.load(v_ptr + v_row + frames3 * stride_vf + channel, mask=mask, other=0.0)
             if ROTARY_DIM > 0:
                 q = _rotate_pairs(q, cos, sin).to(v.dtype)
                 k = _rotate_pairs(k, cos, sin).to(v.dtype)
-            # Scores and softmax in float32; the weights meet v in its dtype, as in flash attention.
-            scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            if HAS_BIAS:
-                # Read through its strides in its dtype: the relative position embedding's lookup, as it comes.
-                entry = head * stride_bh + frame[:, None] * stride_bi + frame[None, :] * stride_bj
-                scores += tl.load(bias_ptr + entry, mask=frame_ok[:, None] & frame_ok[None, :], other=0.0).to(tl.float32)
-            scores = tl.where(frame_ok[None, :], scores, float("-inf"))
-            weights = tl.exp(scores - tl.max(scores, axis=1)[:, None])
-            out = tl.dot(weights.to(v.dtype), v, input_precision=PRECISION) / tl.sum(weights, axis=1)[:, None]
-            tl.store(out_ptr + o_row + frame[:, None] * stride_of + channel[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+            bias_entry = head[:, None, None] * stride_bh + frames3 * stride_bi + frame[None, None, :] * stride_bj
+            keys_ok = frame_ok[None, None, :]
+            out = _attend(q, tl.permute(k, (0, 2, 1)), v, bias_ptr + bias_entry, frame_ok[None, :, None] & keys_ok,
+                          keys_ok, scale, HAS_BIAS, PRECISION)
+            tl.store(out_ptr + o_row + frames3 * stride_of + channel, out.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            mask = frame_ok[:, None] & (d < HEAD_DIM)[None, :]
+            for i in tl.static_range(HEADS_PER_PROGRAM):
+                head = head_block * HEADS_PER_PROGRAM + i
+                channel = head * HEAD_DIM + d
+                q = _frame_tile(q_ptr, q_row, frame, stride_qf, channel, mask)
+                k = _frame_tile(k_ptr, k_row, frame, stride_kf, channel, mask)
+                v = _frame_tile(v_ptr, v_row, frame, stride_vf, channel, mask)
+                if ROTARY_DIM > 0:
+                    q = _rotate_pairs(q[None, :, :], cos, sin).reshape(FRAMES_PAD, HEAD_DIM_PAD).to(v.dtype)
+                    k = _rotate_pairs(k[None, :, :], cos, sin).reshape(FRAMES_PAD, HEAD_DIM_PAD).to(v.dtype)
+                bias_entry = head * stride_bh + frame[:, None] * stride_bi + frame[None, :] * stride_bj
+                out = _attend(q, tl.trans(k), v, bias_ptr + bias_entry, frame_ok[:, None] & frame_ok[None, :],
+                              frame_ok[None, :], scale, HAS_BIAS, PRECISION)
+                out_ptrs = out_ptr + o_row + frame[:, None] * stride_of + channel[None, :]
+                tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _attend(q, k_t, v, bias_ptrs, bias_mask, key_ok, scale, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+        # softmax(q k^T * scale + bias) v over the last two dimensions, masked keys left out. Scores and softmax
+        # in float32; the weights meet v in its dtype, as in flash attention. The bias is read through its
+        # strides in its dtype: the relative position embedding's lookup, as it comes.
+        scores = tl.dot(q, k_t, input_precision=PRECISION) * scale
+        if HAS_BIAS:
+            scores += tl.load(bias_ptrs, mask=bias_mask, other=0.0).to(tl.float32)
+        scores = tl.where(key_ok, scores, float("-inf"))
+        weights = tl.exp(scores - tl.expand_dims(tl.max(scores, axis=-1), -1))
+        out = tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
+        return out / tl.expand_dims(tl.sum(weights, axis=-1), -1)
 
 
     @triton.jit
@@ -539,6 +568,25 @@ if triton is not None:
         vb = tl.load(b_ptr + b_row[:, None] * cb + (cols - ca)[None, :], mask=r_ok & in_b, other=0.0)
         out = out_ptr + r.to(tl.int64)[:, None] * (ca + cb) + cols[None, :]
         tl.store(out, tl.where(in_a, va, vb), mask=r_ok & (in_a | in_b))
+
+    @triton.jit(do_not_specialize=["rows", "height", "width"])
+    def _unfold_3x3_kernel(
+        x_ptr, out_ptr, rows, height, width, channels, stride_n, stride_h, stride_w,
+        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        # One program: BLOCK_R output pixels' channels of one of the nine window taps, zeros past the image.
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        tap = tl.program_id(1)
+        c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+        pixels = height * width
+        n, y, x = r // pixels, (r % pixels) // width, r % width
+        y, x = y + tap // 3 - 1, x + tap % 3 - 1
+        inside = (r < rows) & (y >= 0) & (y < height) & (x >= 0) & (x < width)
+        source = n.to(tl.int64) * stride_n + y.to(tl.int64) * stride_h + x.to(tl.int64) * stride_w
+        c_ok = (c < channels)[None, :]
+        v = tl.load(x_ptr + source[:, None] + c[None, :], mask=inside[:, None] & c_ok, other=0.0)
+        out = out_ptr + r.to(tl.int64)[:, None] * (9 * channels) + tap * channels + c[None, :]
+        tl.store(out, v, mask=(r < rows)[:, None] & c_ok)
 
     @triton.jit(do_not_specialize=["rows"])
     def _layer_norm_kernel(
@@ -810,6 +858,17 @@ def _launch_concat_channels(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     )
 
 
+def _launch_unfold_3x3(x: torch.Tensor, out: torch.Tensor) -> None:
+    n, c, h, w = x.shape
+    rows = n * h * w
+    block_c = min(512, triton.next_power_of_2(c))
+    _run(_unfold_3x3_kernel, (triton.cdiv(rows, _UNFOLD_ROWS), 9, triton.cdiv(c, block_c)),
+         x, out, rows, h, w, c, x.stride(0), x.stride(2), x.stride(3), BLOCK_R=_UNFOLD_ROWS, BLOCK_C=block_c)
+
+
+_UNFOLD_ROWS = 4
+
+
 def _launch_layer_norm(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, offset: torch.Tensor | None
 ) -> torch.Tensor:
@@ -1040,30 +1099,53 @@ def _temporal_launch(
     # Tensor-core dots need at least 16 rows, columns and depth: padding is masked, never read or written.
     frames_pad = max(16, triton.next_power_of_2(frames))
     head_dim_pad = max(16, triton.next_power_of_2(head_dim))
-    per_program = math.gcd(heads, _temporal_heads_per_program(frames_pad, head_dim, head_dim_pad))
+    batched = frames_pad <= BATCHED_MAX_FRAMES
+    if batched:
+        per_program, warps = _temporal_batch(heads, frames_pad, head_dim_pad)
+    else:
+        per_program = math.gcd(heads, _temporal_heads_per_program(head_dim_pad))
+        warps = _temporal_warps(frames_pad, head_dim_pad)
     constants = dict(
         FRAMES=frames, FRAMES_PAD=frames_pad, HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, ROTARY_DIM=rotary_dim,
-        HAS_BIAS=has_bias, HEADS_PER_PROGRAM=per_program, PRECISION=_dot_precision(dtype),
+        HAS_BIAS=has_bias, HEADS_PER_PROGRAM=per_program, BATCHED=batched, PRECISION=_dot_precision(dtype),
     )
-    return constants, dict(num_warps=_temporal_warps(frames_pad, head_dim_pad))
+    return constants, dict(num_warps=warps)
 
 
-def _temporal_heads_per_program(frames_pad: int, head_dim: int, head_dim_pad: int) -> int:
+# Clips of up to this many frames (the base model's 16, the VSR's chunks of 8) take all of a program's heads at
+# once, as the batch of 3-D dots; longer ones (the interpolation model's 61) one head after another.
+BATCHED_MAX_FRAMES = 16
+# Elements of one `h f d` tile (q, k or v) in a batched program, and its warps: measured fastest on an H200
+# (fp16, CUDA graphs, 1 to 16 pixels of 1 to 8 heads a program) at the base and VSR models' widths. Heads of 40
+# or 64 channels (padded to 64): 8 heads, 4 warps, base top level 118.8 -> 88.6 us and VSR 160x256 level 1240
+# -> 916 us against one head after another; 80 or 128: 4 heads, 2 warps (58.4 -> 47.1 us, 150.9 -> 131.6);
+# 160: 2 heads, 2 warps (44.4 -> 31.0 us). Longer clips, batched, ran slower (61 frames: 0.97x to 0.02x, spilling).
+_TEMPORAL_BATCH_ELEMENTS = 8192
+
+
+def _temporal_batch(heads: int, frames_pad: int, head_dim_pad: int) -> tuple[int, int]:
+    """(heads per program, warps) for a batched temporal attention program: the heads a divisor of `heads`."""
+    target = max(1, _TEMPORAL_BATCH_ELEMENTS // (frames_pad * head_dim_pad))
+    per_program = math.gcd(heads, target)
+    warps = 4 if head_dim_pad <= 64 else 2
+    return per_program, max(1, warps * per_program // target)
+
+
+def _temporal_heads_per_program(head_dim_pad: int) -> int:
     """How many neighbouring heads of a pixel one program takes in turn (the launch uses the largest divisor
-    of the head count up to it): their channels share cache lines, which one program then reads whole.
-    Fastest measured on an H200 (fp16, CUDA graphs, 1, 2, 4 or 8 heads): heads of 40 or 64 channels, 4 (base
-    model's 40-wide heads over 16 frames: 2), 137 -> 118 us at the base model's top level, 506 -> 328 us at
-    the interpolation model's, 354 -> 314 us at the VSR model's third (8 frames of 80x128); 80-wide heads 2
-    (interpolation 140 -> 125 us, base unchanged); 160-wide heads 1 (2 was 1.1-1.7x slower)."""
+    of the head count up to it), where clips are too long to batch them: their channels share cache lines,
+    which one program then reads whole. Fastest measured on an H200 (fp16, CUDA graphs, 1, 2, 4 or 8 heads):
+    heads of 40 or 64 channels, 4, 506 -> 328 us at the interpolation model's top level; 80-wide heads 2
+    (interpolation 140 -> 125 us); 160-wide heads 1 (2 was 1.1-1.7x slower)."""
     if head_dim_pad <= 64:
-        return 2 if frames_pad <= 16 and head_dim < head_dim_pad else 4
+        return 4
     return 2 if head_dim_pad <= 128 else 1
 
 
 def _temporal_warps(frames_pad: int, head_dim_pad: int) -> int:
-    """Warps per program, measured on an H200 at the three models' widths (heads of 40 to 160 channels):
-    one warp up to 32 frames, two for 160-wide heads (padded to 256: one warp spills registers, 1.3-1.4x
-    slower), four at 64 frames (one warp was up to 12x slower there)."""
+    """Warps per program, one head after another: measured on an H200 at the three models' widths (heads of
+    40 to 160 channels): one warp up to 32 frames, two for 160-wide heads (padded to 256: one warp spills
+    registers, 1.3-1.4x slower), four at 64 frames (one warp was up to 12x slower there)."""
     if frames_pad >= 64:
         return 4
     return 2 if head_dim_pad >= 256 else 1
@@ -1326,6 +1408,20 @@ def concat_channels(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         _require_kernels("concat_channels")
         _launch_concat_channels(rows_a, rows_b, rows, b.shape[0], rows_a.shape[0] // a.shape[0])
     return rows.view(*a.movedim(1, -1).shape[:-1], -1).movedim(-1, 1)
+
+
+def unfold_3x3(x: torch.Tensor) -> torch.Tensor:
+    """The 3x3 windows (zero padding 1) of a channels-last `n c h w` tensor as `(n h w) (3 3 c)` rows, taps in
+    row-major order: with a 3x3 convolution's weight as `o (3 3 c)` rows, the convolution is one matmul."""
+    if x.ndim != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"unfold_3x3: takes a channels-last `n c h w` tensor, got shape {tuple(x.shape)}, strides {x.stride()}")
+    n, c, h, w = x.shape
+    out = torch.empty(n * h * w, 9 * c, device=x.device, dtype=x.dtype)
+    if x.is_meta:
+        return out
+    _require_kernels("unfold_3x3")
+    _launch_unfold_3x3(x, out)
+    return out
 
 
 def layer_norm(

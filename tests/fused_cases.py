@@ -1,7 +1,6 @@
 """Fused kernels against plain torch, case by case (temporal and key-frame attention, GroupNorm passes, GEGLU,
 bias add, LayerNorm, channel concatenation, upsampling phases and weights, a transformer stream's biases, row
-softmax);
-prints one JSON line per case.
+softmax, small convolutions' unfolded windows); prints one JSON line per case.
 
 Run as a script (tests/test_fused.py does, with TRITON_INTERPRET=1 on the CPU) or imported on CUDA.
 """
@@ -9,8 +8,10 @@ from __future__ import annotations
 
 import json
 import sys
+from unittest import mock
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 from lavie_core import blocks, fused
@@ -32,6 +33,7 @@ CASES = {
     "video-layout-odd-tokens": (3, 7, 6, 2, 16, 8, False),
     "bias-strided-lookup": (3, None, 9, 2, 16, 8, "lookup"),
     "four-heads-per-program": (2, 3, 8, 4, 16, 8, True),
+    "eight-heads-batched-video-lookup": (1, 3, 16, 8, 40, 32, "lookup"),
 }
 
 
@@ -365,6 +367,35 @@ def softmax_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch
     return ((out.float() - expected).abs().amax(-1) / expected.amax(-1)).max().item()
 
 
+# A small 3x3 convolution as one matmul of its unfolded windows (`blocks.conv` through `fused.unfold_3x3`, the
+# kernels' gate held open on the CPU). id: (x's shape `n c h w`, output channels): 600 channels leave a partial
+# second block of 512, 15 rows a partial block of 4, a 1x1 image only its centre tap.
+UNFOLD_CASES = {
+    "unfold-conv-5x8-frames": ((4, 24, 5, 8), 16),
+    "unfold-conv-partial-channel-block": ((1, 600, 3, 4), 8),
+    "unfold-conv-odd-rows": ((1, 7, 3, 5), 6),
+    "unfold-conv-one-pixel": ((2, 5, 1, 1), 3),
+}
+
+
+def unfold_conv_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Relative to the output's largest magnitude, against a float64 convolution."""
+    shape, out_channels = UNFOLD_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    conv = torch.nn.Conv2d(shape[1], out_channels, 3, padding=1)
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * shape[1] ** -0.5)
+    conv = conv.to(device, dtype).to(memory_format=torch.channels_last)
+    expected = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1)
+    with mock.patch.object(fused, "eager_kernels_usable", lambda t: True), torch.no_grad():
+        assert blocks._small_conv(conv, x)
+        out = blocks.conv(conv, x)
+    assert out.shape == expected.shape and out.is_contiguous(memory_format=torch.channels_last)
+    return ((out.double() - expected).abs().max() / expected.abs().max()).item()
+
+
 # Each case's error function, in the order the cases run.
 ERRORS = {
     case: error
@@ -373,7 +404,7 @@ ERRORS = {
         (KEY_FRAME_CASES, key_frame_max_error), (BIAS_CASES, bias_max_error), (LAYER_NORM_CASES, layer_norm_max_error),
         (CONCAT_CASES, concat_max_error), (PHASES_CASES, phases_max_error), (GROUP_AFFINE_CASES, group_affine_max_error),
         (UPSAMPLE_WEIGHT_CASES, upsample_weight_max_error), (STREAM_BIAS_CASES, stream_biases_max_error),
-        (SOFTMAX_CASES, softmax_max_error),
+        (SOFTMAX_CASES, softmax_max_error), (UNFOLD_CASES, unfold_conv_max_error),
     )
     for case in cases
 }

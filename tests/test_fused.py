@@ -21,7 +21,7 @@ from einops import rearrange
 
 from fused_cases import (
     ALL_CASES, BIAS_CASES, GEGLU_CASES, GROUP_AFFINE_CASES, LAYER_NORM_CASES, NORM_CASES, SOFTMAX_CASES,
-    STREAM_BIAS_CASES, UPSAMPLE_WEIGHT_CASES, case_error,
+    STREAM_BIAS_CASES, UNFOLD_CASES, UPSAMPLE_WEIGHT_CASES, case_error,
 )
 from lavie_core import LaVieUNet, UNetConfig, blocks, fused
 
@@ -64,12 +64,12 @@ def test_cuda_kernels_match_torch(case):
         assert case_error(case, "cuda", torch.bfloat16) < 8e-3
         return
     assert case_error(case, "cuda") < 1e-5
-    # The norms', the bias add's and the weight fold's errors are relative to the magnitude; attention's is
-    # absolute on outputs of order 1.
+    # The norms', the bias add's, the weight fold's and the small convolutions' errors are relative to the
+    # magnitude; attention's is absolute on outputs of order 1.
     relative = any(
         case in cases
         for cases in (NORM_CASES, BIAS_CASES, LAYER_NORM_CASES, GROUP_AFFINE_CASES, UPSAMPLE_WEIGHT_CASES, STREAM_BIAS_CASES,
-                      SOFTMAX_CASES)
+                      SOFTMAX_CASES, UNFOLD_CASES)
     )
     assert case_error(case, "cuda", torch.float16) < (1e-3 if relative else 2e-2)
 
@@ -523,6 +523,9 @@ def test_attention_kernels_count_the_flops_of_the_sdpa_they_replace(keys):
 @pytest.mark.parametrize("extra", [False, True], ids=["bias", "bias-and-extra"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 def test_cuda_conv_adds_bias_and_residual_in_one_pass(monkeypatch, dtype, extra):
+    # 1024 pixels: the product is a matmul of unfolded windows, which the reference's TF32 convolution would
+    # differ from by 1e-3.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     calls = []
     bias_add = fused.bias_add_
     monkeypatch.setattr(fused, "bias_add_", lambda *args, **kwargs: calls.append(args[0].shape) or bias_add(*args, **kwargs))
@@ -590,6 +593,55 @@ def test_upsample_conv_interleaves_phases_with_the_kernel_eagerly(monkeypatch, g
         blocks.upsample_conv(x, conv)
     # The weights fold in a kernel wherever no gradient needs them, whatever the video's layout.
     assert calls == (["fold"] * (not grad and not compiling) + [(2, 24, 4, 6)] * expected)
+
+
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((2, 8, 5, 8), torch.contiguous_format), ((2, 8, 5), None)],
+    ids=["nchw", "three-dimensions"],
+)
+def test_unfold_3x3_takes_channels_last_images_only(shape, layout):
+    x = torch.zeros(shape) if layout is None else torch.zeros(shape).contiguous(memory_format=layout)
+    with pytest.raises(ValueError, match=r"unfold_3x3: takes a channels-last `n c h w` tensor, got shape \("):
+        fused.unfold_3x3(x)
+
+
+@pytest.mark.parametrize(
+    "conv_args,shape,layout,grad,compiling,expected",
+    [
+        pytest.param(dict(kernel_size=3, padding=1), (32, 8, 5, 8), torch.channels_last, False, False, True, id="base-deepest-level"),
+        pytest.param(dict(kernel_size=3, padding=1), (8, 8, 16, 16), torch.channels_last, False, False, True, id="2048-pixels"),
+        pytest.param(dict(kernel_size=3, padding=1), (8, 8, 16, 17), torch.channels_last, False, False, False, id="past-2048-pixels"),
+        pytest.param(dict(kernel_size=3, padding=1, stride=2), (32, 8, 6, 8), torch.channels_last, False, False, False, id="strided"),
+        pytest.param(dict(kernel_size=1), (32, 8, 5, 8), torch.channels_last, False, False, False, id="pointwise"),
+        pytest.param(dict(kernel_size=3, padding=1, padding_mode="reflect"), (32, 8, 5, 8), torch.channels_last, False, False, False,
+                     id="reflect-padding"),
+        pytest.param(dict(kernel_size=3, padding=1), (32, 8, 5, 8), torch.contiguous_format, False, False, False, id="nchw"),
+        pytest.param(dict(kernel_size=3, padding=1), (32, 8, 5, 8), torch.channels_last, True, False, False, id="grad"),
+        pytest.param(dict(kernel_size=3, padding=1), (32, 8, 5, 8), torch.channels_last, False, True, False, id="compiling"),
+    ],
+)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_small_convolutions_unfold_into_one_matmul_on_the_kernels(
+    monkeypatch, conv_args, shape, layout, grad, compiling, expected, bias
+):
+    # Which path blocks.conv takes, with the unfolding kernel replaced by a recorder (runs without a GPU).
+    calls = []
+    monkeypatch.setattr(fused, "kernels_usable", lambda t: not (torch.is_grad_enabled() and t.requires_grad))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    monkeypatch.setattr(fused, "bias_add_fits", lambda *_: False)
+
+    def unfold(x):
+        calls.append(tuple(x.shape))
+        return torch.zeros(x.shape[0] * x.shape[2] * x.shape[3], 9 * x.shape[1])
+
+    monkeypatch.setattr(fused, "unfold_3x3", unfold)
+    conv = torch.nn.Conv2d(shape[1], 6, **conv_args).requires_grad_(grad).to(memory_format=torch.channels_last)
+    x = torch.randn(shape).contiguous(memory_format=layout).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        out = blocks.conv(conv, x, bias=bias)
+    assert calls == [shape] * expected
+    assert out.shape == conv(x).shape
 
 
 @pytest.mark.parametrize(
@@ -679,14 +731,15 @@ def _compile_key_frame(head_dim: int, tokens: int, capability: int, tma: bool):
     return _compile(fused._key_frame_attention_kernel, signature, constants, options, capability)
 
 
-def _compile_temporal(frames: int, head_dim: int, capability: int, heads: int = 1):
-    """The temporal attention kernel as its launcher configures it for fp16 (no rotary, no bias)."""
+def _compile_temporal(frames: int, head_dim: int, capability: int, heads: int = 1, rotary_dim: int = 0):
+    """The temporal attention kernel as its launcher configures it for fp16, with rotary positions on
+    `rotary_dim` channels of each head and a relative bias where `rotary_dim`, as the base and VSR models call it."""
     signature = {**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*fp16"),
                  **dict.fromkeys(("cos_ptr", "sin_ptr", "bias_ptr"), "*fp32"), "tokens": "i32"}
     signature.update(dict.fromkeys([f"stride_{t}{d}" for t in "qkvo" for d in "bfl"], "i64"))
     signature.update(dict.fromkeys([f"stride_b{d}" for d in "hij"], "i64"))
     signature["scale"] = "fp32"
-    launch = fused._temporal_launch(frames, head_dim, 0, False, torch.float16, heads)
+    launch = fused._temporal_launch(frames, head_dim, rotary_dim, rotary_dim > 0, torch.float16, heads)
     return _compile(fused._temporal_attention_kernel, signature, *launch, capability)
 
 
@@ -730,14 +783,18 @@ def test_layer_norm_takes_whole_rows_two_per_program_and_a_warp_per_512_channels
 @pytest.mark.parametrize(
     "frames,head_dim,heads,expected",
     [
-        (16, 40, 8, 2), (61, 40, 8, 4), (8, 64, 8, 4), (16, 80, 8, 2), (61, 160, 8, 1), (61, 40, 6, 2), (8, 64, 1, 1),
+        (16, 40, 8, (True, 8, 4)), (8, 64, 8, (True, 8, 4)), (16, 80, 8, (True, 4, 2)), (16, 160, 8, (True, 2, 2)),
+        (8, 64, 6, (True, 2, 1)), (8, 64, 1, (True, 1, 1)), (61, 40, 8, (False, 4, 4)), (61, 80, 8, (False, 2, 4)),
+        (61, 160, 8, (False, 1, 4)), (61, 40, 6, (False, 2, 4)), (24, 40, 8, (False, 4, 1)),
     ],
-    ids=["base-top-level", "interpolation-top-level", "vsr-64-wide", "80-wide", "160-wide", "six-heads-divisor",
-         "one-head"],
+    ids=["base-top-level", "vsr-64-wide", "base-80-wide", "base-160-wide", "six-heads-divisor", "one-head",
+         "interpolation-top-level", "interpolation-80-wide", "interpolation-160-wide", "long-six-heads", "24-frames"],
 )
-def test_temporal_attention_takes_neighbouring_heads_per_program(frames, head_dim, heads, expected):
-    constants, _ = fused._temporal_launch(frames, head_dim, 0, False, torch.float16, heads)
-    assert constants["HEADS_PER_PROGRAM"] == expected and heads % expected == 0
+def test_temporal_attention_program_takes_neighbouring_heads(frames, head_dim, heads, expected):
+    # Short clips batch their heads into one set of 3-D dots; long ones take them in turn.
+    constants, options = fused._temporal_launch(frames, head_dim, 0, False, torch.float16, heads)
+    assert (constants["BATCHED"], constants["HEADS_PER_PROGRAM"], options["num_warps"]) == expected
+    assert heads % constants["HEADS_PER_PROGRAM"] == 0
 
 
 @pytest.mark.skipif(triton_missing or fused.TensorDescriptor is None, reason="needs Triton >= 3.3")
@@ -759,18 +816,22 @@ def test_geglu_kernel_compiles_within_each_gpus_shared_memory(capability, shared
 def test_attention_kernels_compile_within_each_gpus_shared_memory(capability, shared):
     # These launch one configuration each, with no smaller one to fall back to: every GPU must take it. The
     # interpolation model's sparse causal attention at its three widths (heads of 40, 80 and 160 channels, 2560,
-    # 640 and 160 tokens a frame), and its temporal attention's largest tiles (61 frames, heads of 160) and
-    # most heads per program (61 frames, 8 heads of 40, four per program).
+    # 640 and 160 tokens a frame), its temporal attention's largest tiles (61 frames, heads of 160) and most
+    # heads per program (61 frames, 8 heads of 40, four per program), and the batched programs of the base
+    # model's three widths and the VSR's.
     for head_dim, tokens in ((40, 2560), (80, 640), (160, 160)):
         for tma in (True, False):
             used = _compile_key_frame(head_dim, tokens, capability, tma).metadata.shared
             assert used <= shared, (
                 f"key-frame attention, heads of {head_dim}, TMA {tma}: {used} bytes of shared memory on sm{capability}"
             )
-    for head_dim, heads in ((160, 1), (40, 8)):
-        used = _compile_temporal(61, head_dim, capability, heads).metadata.shared
+    for frames, head_dim, heads, rotary_dim in (
+        (61, 160, 1, 0), (61, 40, 8, 0), (48, 40, 8, 32), (16, 40, 8, 32), (16, 80, 8, 32), (16, 160, 8, 32), (8, 64, 8, 32),
+    ):
+        used = _compile_temporal(frames, head_dim, capability, heads, rotary_dim).metadata.shared
         assert used <= shared, (
-            f"temporal attention, 61 frames, {heads} heads of {head_dim}: {used} bytes of shared memory on sm{capability}"
+            f"temporal attention, {frames} frames, {heads} heads of {head_dim}: {used} bytes of shared memory on "
+            f"sm{capability}"
         )
 
 
