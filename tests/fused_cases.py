@@ -1,5 +1,5 @@
-"""Fused kernels against plain torch, case by case (temporal and key-frame attention, GroupNorm passes, GEGLU,
-bias add, LayerNorm, channel concatenation, upsampling phases and weights, a transformer stream's biases, row
+"""Fused kernels against plain torch, case by case (temporal, key-frame and short-key attention, GroupNorm passes,
+GEGLU, bias add, LayerNorm, channel concatenation, upsampling phases and weights, a transformer stream's biases, row
 softmax, small convolutions' unfolded windows); prints one JSON line per case.
 
 Run as a script (tests/test_fused.py does, with TRITON_INTERPRET=1 on the CPU) or imported on CUDA.
@@ -169,6 +169,34 @@ def key_frame_max_error(case: str, device: str = "cpu", dtype: torch.dtype = tor
     assert out.shape == q.shape and out.dtype == dtype
     return (out.float() - expected).abs().max().item()
 
+
+
+# Short-key attention. id: (samples, query tokens, keys, heads, head_dim). A text's 77 keys (64 + 16), 16 and
+# 128 (one part), 5 (one masked 16); heads of 40 (32 + 16), 80 (64 + 16), 160 (128 + 32), 64 and 8 (one masked
+# 16); token counts that leave a partial block, and 2100 queries for the launch's four rounds a program.
+SHORT_KEY_CASES = {
+    "short-keys-77-head-40": (2, 70, 77, 2, 40),
+    "short-keys-77-head-80": (1, 130, 77, 2, 80),
+    "short-keys-77-head-160": (2, 33, 77, 1, 160),
+    "short-keys-16-head-64": (1, 65, 16, 3, 64),
+    "short-keys-5-head-8": (2, 9, 5, 2, 8),
+    "short-keys-128-head-24": (1, 40, 128, 2, 24),
+    "short-keys-four-rounds": (1, 2100, 77, 1, 16),
+}
+
+
+def short_key_max_error(case: str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    samples, tokens, keys, heads, head_dim = SHORT_KEY_CASES[case]
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(samples, tokens, heads * head_dim, generator=g).to(device, dtype)
+    # k and v as views of one product, as a projection of the text leaves them.
+    k, v = torch.randn(samples, keys, 2 * heads * head_dim, generator=g).to(device, dtype).chunk(2, dim=-1)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        *(rearrange(t.double(), "b n (h d) -> b h n d", h=heads) for t in (q, k, v))
+    )
+    out = fused.short_key_attention(q, k, v, heads)
+    assert out.shape == q.shape and out.dtype == dtype
+    return (out.double() - rearrange(expected, "b h n d -> b n (h d)")).abs().max().item()
 
 # A convolution's bias (and residual) added in place. id: (shape `n c ...`, residual, extra bias); stored
 # channels-last. 4 channels (the output convolution) and 320 (two column blocks, the second partial) cover
@@ -401,7 +429,8 @@ ERRORS = {
     case: error
     for cases, error in (
         (CASES, max_error), (NORM_CASES, norm_max_error), (GEGLU_CASES, geglu_max_error),
-        (KEY_FRAME_CASES, key_frame_max_error), (BIAS_CASES, bias_max_error), (LAYER_NORM_CASES, layer_norm_max_error),
+        (KEY_FRAME_CASES, key_frame_max_error), (SHORT_KEY_CASES, short_key_max_error),
+        (BIAS_CASES, bias_max_error), (LAYER_NORM_CASES, layer_norm_max_error),
         (CONCAT_CASES, concat_max_error), (PHASES_CASES, phases_max_error), (GROUP_AFFINE_CASES, group_affine_max_error),
         (UPSAMPLE_WEIGHT_CASES, upsample_weight_max_error), (STREAM_BIAS_CASES, stream_biases_max_error),
         (SOFTMAX_CASES, softmax_max_error), (UNFOLD_CASES, unfold_conv_max_error),

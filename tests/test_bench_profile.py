@@ -19,6 +19,7 @@ from profile_unet import kernel_kind  # noqa: E402
                      id="cudnn-sdpa"),
         pytest.param("_temporal_attention_kernel", "attention", id="own-triton-attention"),
         pytest.param("_key_frame_attention_kernel", "attention", id="own-key-frame-attention"),
+        pytest.param("_short_key_attention_kernel", "attention", id="own-short-key-attention"),
         pytest.param("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x256x64", "conv",
                      id="cudnn-conv"),
         pytest.param("nvjet_sm90_hsh_256x128_64x4_1x2_h_bz_coopA_bias_TNT", "matmul", id="cublas-nvjet"),

@@ -332,6 +332,93 @@ def test_sparse_causal_dispatch(monkeypatch, dtype, grad, expected):
     assert all(t is tables[0] for t in tables)
 
 
+@pytest.mark.parametrize(
+    "shapes,heads,match",
+    [
+        pytest.param(((2, 5, 16), (2, 7, 16), (2, 6, 16)), 2, r"`b n c` and k, v `b m c`", id="k-v-differ"),
+        pytest.param(((2, 5, 16), (3, 7, 16), (3, 7, 16)), 2, "of the same samples and channels", id="samples-differ"),
+        pytest.param(((2, 5, 16), (2, 7, 8), (2, 7, 8)), 2, r"got \(2, 5, 16\), \(2, 7, 8\)", id="channels-differ"),
+        pytest.param(((2, 5, 16),) * 3, 3, "16 channels do not split into 3 heads", id="heads"),
+        pytest.param(((2, 5, 16), (2, 129, 16), (2, 129, 16)), 2, "takes 1 to 128 keys, got 129", id="too-many-keys"),
+        pytest.param(((2, 5, 16), (2, 0, 16), (2, 0, 16)), 2, "takes 1 to 128 keys, got 0", id="no-keys"),
+    ],
+)
+def test_bad_short_key_arguments_are_named(shapes, heads, match):
+    q, k, v = (torch.zeros(s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        fused.short_key_attention(q, k, v, heads)
+
+
+@pytest.mark.parametrize(
+    "dtype,grad,keys,expected",
+    [*(pytest.param(dtype, grad, 77, expected, id=p.id) for p in HALF_TYPE_DISPATCH for dtype, grad, expected in [p.values]),
+     pytest.param(torch.float16, False, 129, False, id="too-many-keys-torch-path")],
+)
+def test_text_attention_dispatch(monkeypatch, dtype, grad, keys, expected):
+    # Which path text cross-attention takes, with the kernel replaced by a recorder (runs without a GPU).
+    attn = blocks.Attention(16, 2, context_dim=12).to(dtype).requires_grad_(grad)
+    x = torch.randn(2 * 3, 5, 16).to(dtype)  # (b f) l c, 3 frames
+    context = torch.randn(2, keys, 12).to(dtype)
+    calls = []
+    monkeypatch.setattr(fused, "kernels_usable", lambda t: not (torch.is_grad_enabled() and t.requires_grad))
+
+    def record(q, k, v, heads):
+        calls.append((tuple(q.shape), tuple(k.shape), tuple(v.shape), heads))
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(fused, "short_key_attention", record)
+    with torch.set_grad_enabled(grad):
+        out = blocks.text_attention(attn, x, context, 3)
+    assert out.shape == x.shape
+    assert calls == ([((2, 15, 16), (2, keys, 16), (2, keys, 16), 2)] if expected else [])
+
+
+@pytest.mark.skipif(triton_missing, reason="triton is not installed")
+@pytest.mark.parametrize(
+    "tokens,keys,head_dim,expected",
+    [
+        pytest.param(2 * 16 * 2560 // 2, 77, 40, (32, 16, 64, 16, 4, 3), id="base-top-level"),
+        pytest.param(16 * 160, 77, 160, (128, 32, 64, 16, 4, 2), id="base-third-level"),
+        pytest.param(16 * 40, 77, 160, (128, 32, 64, 16, 2, 2), id="base-middle"),
+        pytest.param(61 * 160, 77, 160, (128, 32, 64, 16, 4, 2), id="interpolation-third-level-two-stages"),
+        pytest.param(8 * 40960, 77, 64, (64, 0, 64, 16, 4, 3), id="vsr-64-wide"),
+        pytest.param(100, 16, 8, (16, 0, 16, 0, 2, 2), id="sixteen-keys-narrow-head"),
+        pytest.param(100, 128, 24, (16, 16, 128, 0, 2, 2), id="128-keys"),
+    ],
+)
+def test_short_key_launch_splits_heads_and_keys_and_loops_at_least_twice(tokens, keys, head_dim, expected):
+    constants, options = fused._short_key_launch(tokens, keys, 8, head_dim, torch.float16)
+    got = tuple(constants[k] for k in ("D0", "D1", "N0", "N1", "ROUNDS")) + (options["num_stages"],)
+    assert got == expected
+    assert constants["ROUNDS"] >= 2 and constants["N0"] + constants["N1"] >= keys
+    assert constants["D0"] + constants["D1"] >= head_dim
+
+
+@pytest.mark.gpu
+@on_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "dim,context_dim,tokens,frames",
+    [(320, 768, 2560, 4), (640, 768, 640, 4), (1280, 768, 160, 16), (512, 1024, 1000, 3), (1024, 1024, 40, 2)],
+    ids=["base-head-40", "base-head-80", "base-head-160", "vsr-head-64", "vsr-head-128-two-rounds"],
+)
+def test_cuda_text_attention_kernel_equals_sdpa(monkeypatch, dtype, dim, context_dim, tokens, frames):
+    torch.manual_seed(0)
+    attn = blocks.Attention(dim, 8, context_dim).cuda().to(dtype)
+    x = torch.randn(2 * frames, tokens, dim, device="cuda", dtype=dtype)
+    context = torch.randn(2, 77, context_dim, device="cuda", dtype=dtype)
+    calls = []
+    kernel = fused.short_key_attention
+    monkeypatch.setattr(fused, "short_key_attention", lambda *a: calls.append(1) or kernel(*a))
+    with torch.no_grad():
+        out = blocks.text_attention(attn, x, context, frames)
+        monkeypatch.setattr(fused, "kernels_usable", lambda *_: False)
+        ref = blocks.text_attention(attn, x, context, frames)
+    assert calls == [1]
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
 @pytest.mark.gpu
 @on_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -466,7 +553,9 @@ def _flop_counter():
     pytest.param("flops", "op", id="flop-counter-sees-the-op"),
     pytest.param("compiling", "op", id="torch-compile-sees-the-op"),
 ])
-@pytest.mark.parametrize("kernel", ["channel_sums", "scale_shift", "geglu", "temporal_attention", "key_frame_attention"])
+@pytest.mark.parametrize(
+    "kernel", ["channel_sums", "scale_shift", "geglu", "temporal_attention", "key_frame_attention", "short_key_attention"]
+)
 def test_kernels_skip_their_op_unless_something_watches_ops(monkeypatch, watcher, expected, kernel):
     # The op's dispatch costs the host more than the launch; compile and FLOP counting need the op.
     x, scale = torch.zeros(2, 5, 8, dtype=torch.float16), torch.zeros(2, 8)
@@ -478,6 +567,8 @@ def test_kernels_skip_their_op_unless_something_watches_ops(monkeypatch, watcher
         "temporal_attention": ("_temporal_attention_op", "_launch", lambda: fused.temporal_attention(x, x, x, 2)),
         "key_frame_attention": ("_key_frame_attention_op", "_launch_key_frame_attention",
                                 lambda: fused.key_frame_attention(x, x, x, 2, 1, torch.zeros(1, 1, dtype=torch.long))),
+        "short_key_attention": ("_short_key_attention_op", "_launch_short_key_attention",
+                                lambda: fused.short_key_attention(x, x, x, 2)),
     }[kernel]
     calls = []
     monkeypatch.setattr(fused, "_require_kernels", lambda *_: None)
@@ -515,6 +606,14 @@ def test_attention_kernels_count_the_flops_of_the_sdpa_they_replace(keys):
     per_pixel = torch.zeros(2 * tokens, heads, frames, head_dim, device="meta")
     with FlopCounterMode(display=False) as sdpa:
         torch.nn.functional.scaled_dot_product_attention(per_pixel, per_pixel, per_pixel)
+    assert kernel.get_total_flops() == sdpa.get_total_flops() > 0
+
+    with FlopCounterMode(display=False) as kernel:
+        torch.ops.lavie.short_key_attention(q[:2], k[:2], k[:2], heads)
+    with FlopCounterMode(display=False) as sdpa:
+        torch.nn.functional.scaled_dot_product_attention(
+            torch.zeros(2, heads, tokens, head_dim, device="meta"), *[torch.zeros(2, heads, key_tokens, head_dim, device="meta")] * 2
+        )
     assert kernel.get_total_flops() == sdpa.get_total_flops() > 0
 
 
@@ -731,6 +830,15 @@ def _compile_key_frame(head_dim: int, tokens: int, capability: int, tma: bool):
     return _compile(fused._key_frame_attention_kernel, signature, constants, options, capability)
 
 
+def _compile_short_key(head_dim: int, tokens: int, capability: int):
+    """The short-key kernel as its launcher configures it for fp16 text attention (77 keys, 8 heads)."""
+    signature = {**dict.fromkeys(("q_ptr", "k_ptr", "v_ptr", "out_ptr"), "*fp16"), "tokens": "i32", "keys": "i32"}
+    signature.update(dict.fromkeys([f"stride_{t}{d}" for t in "qkvo" for d in "bl"], "i64"))
+    signature["scale_log2"] = "fp32"
+    return _compile(fused._short_key_attention_kernel, signature, *fused._short_key_launch(tokens, 77, 8, head_dim, torch.float16),
+                    capability)
+
+
 def _compile_temporal(frames: int, head_dim: int, capability: int, heads: int = 1, rotary_dim: int = 0):
     """The temporal attention kernel as its launcher configures it for fp16, with rotary positions on
     `rotary_dim` channels of each head and a relative bias where `rotary_dim`, as the base and VSR models call it."""
@@ -816,15 +924,19 @@ def test_geglu_kernel_compiles_within_each_gpus_shared_memory(capability, shared
 def test_attention_kernels_compile_within_each_gpus_shared_memory(capability, shared):
     # These launch one configuration each, with no smaller one to fall back to: every GPU must take it. The
     # interpolation model's sparse causal attention at its three widths (heads of 40, 80 and 160 channels, 2560,
-    # 640 and 160 tokens a frame), its temporal attention's largest tiles (61 frames, heads of 160) and most
-    # heads per program (61 frames, 8 heads of 40, four per program), and the batched programs of the base
-    # model's three widths and the VSR's.
+    # 640 and 160 tokens a frame), text attention at every model's widths, its temporal attention's largest
+    # tiles (61 frames, heads of 160) and most heads per program (61 frames, 8 heads of 40, four per program),
+    # and the batched programs of the base model's three widths and the VSR's.
     for head_dim, tokens in ((40, 2560), (80, 640), (160, 160)):
         for tma in (True, False):
             used = _compile_key_frame(head_dim, tokens, capability, tma).metadata.shared
             assert used <= shared, (
                 f"key-frame attention, heads of {head_dim}, TMA {tma}: {used} bytes of shared memory on sm{capability}"
             )
+    # Text attention's widths (the three models' heads of 40 to 160) with the most pipeline stages.
+    for head_dim in (40, 64, 80, 128, 160):
+        used = _compile_short_key(head_dim, 8192, capability).metadata.shared
+        assert used <= shared, f"short-key attention, heads of {head_dim}: {used} bytes of shared memory on sm{capability}"
     for frames, head_dim, heads, rotary_dim in (
         (61, 160, 1, 0), (61, 40, 8, 0), (48, 40, 8, 32), (16, 40, 8, 32), (16, 80, 8, 32), (16, 160, 8, 32), (8, 64, 8, 32),
     ):
@@ -1053,8 +1165,8 @@ def test_cuda_compile_ahead_leaves_nothing_to_compile_at_the_call(monkeypatch):
         out = model(x, t, ctx)
         torch.cuda.synchronize()
     names = {name for name, _ in ahead}
-    assert {"_key_frame_attention_kernel", "_temporal_attention_kernel", "_channel_sums_kernel",
-            "_group_affine_kernel", "_scale_shift_kernel"} <= names
+    assert {"_key_frame_attention_kernel", "_temporal_attention_kernel", "_short_key_attention_kernel",
+            "_channel_sums_kernel", "_group_affine_kernel", "_scale_shift_kernel"} <= names
     assert all(thread.startswith("lavie-compile") for _, thread in ahead)
     assert events == []
     assert torch.isfinite(out).all()
