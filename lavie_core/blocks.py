@@ -558,6 +558,13 @@ def add_product_(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor) -> torc
     return x
 
 
+def _attention_kernels_usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the fused attention kernels take these projections. float32 stays on SDPA: the exact reference
+    path (the kernels' tensor-core dots would round to tf32). Checked on the projections, which need a
+    gradient whenever any of their weights is trained."""
+    return q.dtype != torch.float32 and all(fused.kernels_usable(t) for t in (q, k, v))
+
+
 def text_attention(
     attn: Attention, x: torch.Tensor, context: torch.Tensor, frames: int, *, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -568,8 +575,7 @@ def text_attention(
     """
     q = rearrange(attn.to_q(x), "(b f) l c -> b (f l) c", f=frames)
     k, v = attn.to_k(context), attn.to_v(context)
-    # float32 stays on SDPA, the exact reference path, as in `sparse_causal_attention`.
-    if x.dtype != torch.float32 and k.shape[1] <= fused.SHORT_KEYS_MAX and all(fused.kernels_usable(t) for t in (q, k, v)):
+    if k.shape[1] <= fused.SHORT_KEYS_MAX and _attention_kernels_usable(q, k, v):
         # All of a text's keys at once, heads of 40 split 32 + 16 where cuDNN pads them to 64: a guided call's
         # text attention on an H200 (fp16, graph-replayed) took 0.53 ms instead of 0.75 (base), 2.37 instead
         # of 2.80 (interpolation) and 6.1 instead of 9.2 (VSR 8-frame chunk).
@@ -588,9 +594,7 @@ def sparse_causal_attention(
     # Separate projections: k and v are gathered by frame below. With views of one product here and in its
     # temporal layers, the interpolation model's eager call on an H200 took 228 ms, against 218 without.
     q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-    # float32 stays on SDPA: the exact reference path (the kernel's tensor-core dots would round to tf32).
-    # Checked on the projections, which need a gradient whenever any of their weights is trained.
-    if x.dtype != torch.float32 and all(fused.kernels_usable(t) for t in (q, k, v)):
+    if _attention_kernels_usable(q, k, v):
         # Keys read in place, heads split 32 + 16 rather than padded to 64: one layer of the interpolation
         # model on an H200 (bench/attention.py, fp16) took 7.7 / 1.1 / 0.53 ms at its three levels, against
         # 10.0 / 2.4 / 1.21 with SDPA on gathered keys.

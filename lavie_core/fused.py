@@ -222,7 +222,8 @@ if triton is not None:
 
     @triton.jit
     def _frame_tile(ptr, row_offset, frame, stride_f, channel, mask):
-        # `frames x channels` of one pixel and head, straight from the `b f l c` layout.
+        # `rows x channels` of a strided block, zero where masked: a pixel's frames of one head, straight from
+        # the `b f l c` layout (temporal attention), or a text's keys of one head (short-key attention).
         return tl.load(ptr + row_offset + frame[:, None] * stride_f + channel[None, :], mask=mask, other=0.0)
 
     @triton.jit
@@ -409,12 +410,6 @@ if triton is not None:
             tl.store(o_rows + c1[None, :], (acc1 * inv[:, None]).to(dtype), mask=m_ok[:, None] & d1_ok[None, :])
 
 
-
-    @triton.jit
-    def _short_key_tile(base, stride, n, n_ok, c, c_ok):
-        # Rows n of a head's channels c (or of a part of them) of a `m c` key or value block, zero where masked.
-        return tl.load(base + n[:, None] * stride + c[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
-
     @triton.jit(do_not_specialize=["tokens", "keys"])
     def _short_key_attention_kernel(
         q_ptr, k_ptr, v_ptr, out_ptr, tokens, keys,
@@ -432,8 +427,7 @@ if triton is not None:
         block, sample_head = tl.program_id(0), tl.program_id(1)
         sample = (sample_head // HEADS).to(tl.int64)
         head = sample_head % HEADS
-        k_base = k_ptr + sample * stride_kb
-        v_base = v_ptr + sample * stride_vb
+        k_row, v_row = sample * stride_kb, sample * stride_vb
         d0 = tl.arange(0, D0)
         d0_ok = d0 < HEAD_DIM
         c0 = head * HEAD_DIM + d0
@@ -445,18 +439,22 @@ if triton is not None:
         n1 = N0 + tl.arange(0, N1 if N1 > 0 else 16)
         n1_ok = n1 < keys
         # Tiles named key/value, key part (0: N0 keys, 1: N1), channel part; unused ones stand in as k00.
-        k00 = _short_key_tile(k_base, stride_kl, n0, n0_ok, c0, d0_ok)
-        v00 = _short_key_tile(v_base, stride_vl, n0, n0_ok, c0, d0_ok)
+        ok00 = n0_ok[:, None] & d0_ok[None, :]
+        k00 = _frame_tile(k_ptr, k_row, n0, stride_kl, c0, ok00)
+        v00 = _frame_tile(v_ptr, v_row, n0, stride_vl, c0, ok00)
         k01, v01, k10, v10, k11, v11 = k00, v00, k00, v00, k00, v00
         if D1 > 0:
-            k01 = _short_key_tile(k_base, stride_kl, n0, n0_ok, c1, d1_ok)
-            v01 = _short_key_tile(v_base, stride_vl, n0, n0_ok, c1, d1_ok)
+            ok01 = n0_ok[:, None] & d1_ok[None, :]
+            k01 = _frame_tile(k_ptr, k_row, n0, stride_kl, c1, ok01)
+            v01 = _frame_tile(v_ptr, v_row, n0, stride_vl, c1, ok01)
         if N1 > 0:
-            k10 = _short_key_tile(k_base, stride_kl, n1, n1_ok, c0, d0_ok)
-            v10 = _short_key_tile(v_base, stride_vl, n1, n1_ok, c0, d0_ok)
+            ok10 = n1_ok[:, None] & d0_ok[None, :]
+            k10 = _frame_tile(k_ptr, k_row, n1, stride_kl, c0, ok10)
+            v10 = _frame_tile(v_ptr, v_row, n1, stride_vl, c0, ok10)
             if D1 > 0:
-                k11 = _short_key_tile(k_base, stride_kl, n1, n1_ok, c1, d1_ok)
-                v11 = _short_key_tile(v_base, stride_vl, n1, n1_ok, c1, d1_ok)
+                ok11 = n1_ok[:, None] & d1_ok[None, :]
+                k11 = _frame_tile(k_ptr, k_row, n1, stride_kl, c1, ok11)
+                v11 = _frame_tile(v_ptr, v_row, n1, stride_vl, c1, ok11)
         dtype = out_ptr.dtype.element_ty
         for i in range(ROUNDS):
             rm = (block * ROUNDS + i) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -951,15 +949,16 @@ def _launch_concat_channels(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
     )
 
 
+# Output pixels per `unfold_3x3` program (each one tap of them).
+_UNFOLD_ROWS = 4
+
+
 def _launch_unfold_3x3(x: torch.Tensor, out: torch.Tensor) -> None:
     n, c, h, w = x.shape
     rows = n * h * w
     block_c = min(512, triton.next_power_of_2(c))
     _run(_unfold_3x3_kernel, (triton.cdiv(rows, _UNFOLD_ROWS), 9, triton.cdiv(c, block_c)),
          x, out, rows, h, w, c, x.stride(0), x.stride(2), x.stride(3), BLOCK_R=_UNFOLD_ROWS, BLOCK_C=block_c)
-
-
-_UNFOLD_ROWS = 4
 
 
 def _launch_layer_norm(
@@ -1163,7 +1162,6 @@ def _launch_key_frame_attention(
         head_dim**-0.5 * 1.4426950408889634, **constants, **options,
     )
     return out
-
 
 
 def _short_key_launch(tokens: int, keys: int, heads: int, head_dim: int, dtype: torch.dtype) -> tuple[dict, dict]:
@@ -1722,7 +1720,6 @@ def temporal_attention(
     if q.ndim == 3:
         return run(*(t.unsqueeze(2) for t in (q, k, v)), heads, cos, sin, bias).squeeze(2)
     return run(q, k, v, heads, cos, sin, bias)
-
 
 
 
